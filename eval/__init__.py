@@ -1,0 +1,1 @@
+"""Evaluation: generation, the five preference metrics, A/B win rates and reports."""

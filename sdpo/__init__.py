@@ -1,0 +1,1 @@
+"""Diffusion-SDPO: preference losses, the winner-preserving safeguard and the training parts."""

@@ -1,0 +1,193 @@
+"""Tiny random SD1.5- and SDXL-style diffusers folders, built offline from explicit configs.
+
+Tests, the CPU toy demo and the CPU mode of the benchmark use these in place of real weights:
+they have the real folder layout (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/`` and for SDXL ``text_encoder_2/``, ``tokenizer_2/``), so every loading
+path of the project is exercised exactly as with a hub download.
+
+The tokenizer is a character-level CLIP BPE vocabulary written by :func:`write_char_tokenizer`
+(no merges): transformers ships no CLIP vocabulary and nothing may be downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Byte-to-unicode table of GPT-2/CLIP BPE: the 256 printable stand-ins for raw bytes.
+
+
+def _bytes_to_unicode() -> list[str]:
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    extra = [b for b in range(256) if b not in printable]
+    codes = printable + [256 + i for i in range(len(extra))]
+    return [chr(c) for c in codes]
+
+
+TINY_VOCAB_SIZE = 1000  # text encoders are built with this many embeddings (> the 514 tokens used)
+
+
+def write_char_tokenizer(path: str | Path, *, pad_token: str = "<|endoftext|>") -> Path:
+    """Write a CLIP tokenizer folder whose vocabulary is every byte, alone and word-final."""
+    from transformers import CLIPTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    # from_pretrained on a folder: the constructor alone gives a broken tokenizer on transformers 5.
+    tok = CLIPTokenizer.from_pretrained(path, pad_token=pad_token, model_max_length=77)
+    tok.save_pretrained(path)
+    return path
+
+
+def _text_encoder_config(*, hidden: int, projection_dim: int | None = None):
+    from transformers import CLIPTextConfig
+
+    tok_size = 2 * 256  # byte tokens, then the two specials
+    return CLIPTextConfig(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        max_position_embeddings=77,
+        bos_token_id=tok_size,
+        eos_token_id=tok_size + 1,
+        pad_token_id=tok_size + 1,
+        hidden_act="gelu",
+        projection_dim=projection_dim or hidden,
+    )
+
+
+def _vae(block_out_channels=(32, 64)):
+    from diffusers import AutoencoderKL
+
+    n = len(block_out_channels)
+    return AutoencoderKL(
+        block_out_channels=list(block_out_channels),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        latent_channels=4,
+        norm_num_groups=min(32, block_out_channels[0]),
+    )
+
+
+def _scheduler():
+    # The SD1.5 / SDXL training schedule (scaled-linear betas over 1000 steps, epsilon targets).
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type="epsilon",
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+
+
+def tiny_unet_config(
+    *, sdxl: bool = False, sample_size: int = 32, block_out_channels=(32, 64)
+) -> dict:
+    """The UNet2DConditionModel config of the tiny SD1.5 (``sdxl=False``) or SDXL UNet."""
+    cfg = dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=list(block_out_channels),
+        layers_per_block=2,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        norm_num_groups=min(32, block_out_channels[0]),
+    )
+    if sdxl:
+        # SDXL conditioning: two concatenated text encoders (32 + 32 = 64) and the "text_time"
+        # embedding of the pooled text (32) plus the six size ids (6 * 8): 80 inputs.
+        cfg.update(
+            cross_attention_dim=64,
+            attention_head_dim=[2, 4],
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=[1, 2],
+            projection_class_embeddings_input_dim=80,
+        )
+    else:
+        cfg.update(cross_attention_dim=32, attention_head_dim=8)
+    return cfg
+
+
+def build_tiny_sd15(path: str | Path, *, seed: int = 0, sample_size: int = 32) -> Path:
+    """Save a tiny random SD1.5-style pipeline folder at ``path`` and return it."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel(**tiny_unet_config(sample_size=sample_size)),
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_encoder_config(hidden=32)),
+        tokenizer=_load_tokenizer(path / "_tok"),
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    _rm_tree(path / "_tok")
+    return path
+
+
+def build_tiny_sdxl(path: str | Path, *, seed: int = 0, sample_size: int = 32) -> Path:
+    """Save a tiny random SDXL-style pipeline folder (two text encoders) at ``path``."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    pipe = StableDiffusionXLPipeline(
+        unet=UNet2DConditionModel(**tiny_unet_config(sdxl=True, sample_size=sample_size)),
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_encoder_config(hidden=32)),
+        text_encoder_2=CLIPTextModelWithProjection(
+            _text_encoder_config(hidden=32, projection_dim=32)
+        ),
+        tokenizer=_load_tokenizer(path / "_tok"),
+        tokenizer_2=_load_tokenizer(path / "_tok2", pad_token="!"),
+        scheduler=_scheduler(),
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    _rm_tree(path / "_tok")
+    _rm_tree(path / "_tok2")
+    return path
+
+
+def _load_tokenizer(tmp: Path, pad_token: str = "<|endoftext|>"):
+    from transformers import CLIPTokenizer
+
+    write_char_tokenizer(tmp, pad_token=pad_token)
+    return CLIPTokenizer.from_pretrained(tmp)
+
+
+def _rm_tree(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)
