@@ -1,0 +1,194 @@
+"""One micro-step of preference training (``shared/reference/formulas.md``).
+
+Batch layout: ``pixel_values`` is ``[n·B, 3, R, R]``, the B winners then the B losers (n = 2), or
+the B preferred images (n = 1, unpaired objectives such as SFT). Each pair shares ONE noise
+tensor ε and ONE timestep t, drawn for the winner and repeated for the loser.
+
+The VAE posterior sample, ε and t of a pair come from a generator keyed by
+``(seed, epoch, row index)`` (:func:`sdpo.data.keyed_generator`), so they do not depend on how
+pairs are split over processes or accumulation micro-steps: 1 process x 4 pairs, 4 micro-steps x 1
+pair and 2 processes x 2 pairs see the same noise for the same pair.
+
+The objective comes only from :data:`sdpo.losses.LOSSES` and its ``needs_reference`` /
+``paired`` flags; the step never branches on a method name.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdpo.data import PURPOSE_NOISE, keyed_generator
+
+
+def pair_generators(batch: dict, seed: int, device) -> list[torch.Generator]:
+    """One generator per pair of the batch, keyed by ``(seed, epoch, row index)``."""
+    return [
+        keyed_generator(seed, PURPOSE_NOISE, int(e), int(i), device=device)
+        for e, i in zip(batch["epoch"].tolist(), batch["index"].tolist())
+    ]
+
+
+def training_step(
+    *,
+    parts,
+    unet,
+    ref_unet,
+    batch: dict,
+    spec,
+    cfg,
+    seed: int,
+    device,
+    autocast,
+) -> tuple[torch.Tensor, dict]:
+    """Loss and detached stats of one micro-batch.
+
+    Args:
+        parts: :class:`sdpo.family.ModelParts` (frozen VAE / text encoders, scheduler).
+        unet: the (accelerate-wrapped) policy UNet. ref_unet: frozen reference or None.
+        spec: the :class:`sdpo.losses.LossSpec` of ``cfg.train_method``.
+        autocast: a context-manager factory (``accelerator.autocast``) for the reference UNet.
+
+    Returns: ``(loss, stats)``; stats always include ``loser_scale`` / ``loser_scale_min`` (λ).
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    pixels = batch["pixel_values"].to(device)
+    n_images = pixels.shape[0] // len(batch["captions"])  # 2 for pairs, 1 for unpaired
+    gens = pair_generators(batch, seed, device)
+
+    with torch.no_grad():
+        vae = parts.vae
+        posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
+        # One generator list entry per image: a pair's generator draws its winner's then its
+        # loser's posterior sample, then ε, then t.
+        latents = posterior.sample(generator=gens * n_images).float() * parts.vae_scaling_factor
+        noise = randn_tensor((len(gens), *latents.shape[1:]), generator=gens, device=device)
+        timesteps = torch.cat(
+            [
+                torch.randint(
+                    0,
+                    parts.noise_scheduler.config.num_train_timesteps,
+                    (1,),
+                    generator=g,
+                    device=device,
+                )
+                for g in gens
+            ]
+        )
+        noise, timesteps = noise.repeat(n_images, 1, 1, 1), timesteps.repeat(n_images)
+        noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
+        cond = parts.encode_prompts(batch["captions"], device)
+        cond = _repeat_cond(cond, n_images)
+
+    model_pred = unet(noisy, timesteps, **cond).sample
+    ref_pred = None
+    if spec.needs_reference:
+        with torch.no_grad(), autocast():
+            ref_pred = ref_unet(noisy, timesteps, **cond).sample.float()
+
+    lam = torch.ones((), device=device)
+    if cfg.use_winner_preserving and spec.paired:
+        from sdpo.safeguard import winner_preserving_scale
+
+        lam = winner_preserving_scale(
+            model_pred.detach(),
+            noise,
+            cfg.winner_preserving_mu,
+            per_pair=cfg.winner_preserving_per_pair,
+            sync=cfg.winner_preserving_sync,
+        )
+    loss, stats = spec.fn(
+        model_pred,
+        ref_pred,
+        noise,
+        beta=cfg.beta_dpo,
+        loser_scale=lam,
+        dmpo_alpha=cfg.dmpo_alpha,
+        sdxl=cfg.sdxl,
+    )
+    stats = dict(stats)
+    stats.setdefault("loser_scale", lam.float().mean())
+    stats.setdefault("loser_scale_min", lam.float().min())
+    return loss, stats
+
+
+def _repeat_cond(cond: dict, n: int) -> dict:
+    """Repeat every conditioning tensor n times along the batch (winners' copy, then losers')."""
+    return {
+        key: _repeat_cond(value, n)
+        if isinstance(value, dict)
+        else value.repeat(n, *([1] * (value.ndim - 1)))
+        for key, value in cond.items()
+    }
+
+
+def build_optimizer(cfg, params, lr: float):
+    """AdamW (fused on CUDA), Adafactor with the reference settings, or bitsandbytes' AdamW8bit."""
+    name = cfg.optimizer_name
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            params,
+            lr=lr,
+            weight_decay=cfg.adam_weight_decay,
+            clip_threshold=1.0,
+            scale_parameter=False,
+            relative_step=False,
+        )
+    adam = dict(
+        lr=lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+    )
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ValueError(
+                "--use_8bit_adam needs bitsandbytes: pip install bitsandbytes"
+            ) from err
+        return bnb.optim.AdamW8bit(params, **adam)
+    params = list(params)
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(params, fused=fused, **adam)
+
+
+class StepStats:
+    """Stats of the micro-steps of one optimizer step, reduced over micro-steps and processes.
+
+    Keys ending in ``_min`` take the minimum, every other key the mean; ``corrupt`` counts are
+    summed (and kept as a running total).
+    """
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.mins: dict[str, float] = {}
+        self.micro_steps = 0
+        self.corrupt_total = 0
+        self._corrupt_new = 0
+
+    def add(self, stats: dict, corrupt: int = 0) -> None:
+        for key, value in stats.items():
+            value = float(value)
+            if key.endswith("_min"):
+                self.mins[key] = min(self.mins.get(key, value), value)
+            else:
+                self.sums[key] = self.sums.get(key, 0.0) + value
+        self.micro_steps += 1
+        self._corrupt_new += int(corrupt)
+
+    def reduce(self, accelerator) -> dict[str, float]:
+        """Average (min) over micro-steps and processes; resets for the next optimizer step."""
+        keys_mean, keys_min = sorted(self.sums), sorted(self.mins)
+        local = [self.sums[k] / max(self.micro_steps, 1) for k in keys_mean]
+        local += [self.mins[k] for k in keys_min] + [float(self._corrupt_new)]
+        gathered = accelerator.gather(torch.tensor([local], device=accelerator.device)).cpu()
+        out = {k: float(gathered[:, i].mean()) for i, k in enumerate(keys_mean)}
+        offset = len(keys_mean)
+        out.update({k: float(gathered[:, offset + i].min()) for i, k in enumerate(keys_min)})
+        self.corrupt_total += int(gathered[:, -1].sum())
+        out["corrupt_skipped"] = self.corrupt_total
+        self.sums, self.mins, self.micro_steps, self._corrupt_new = {}, {}, 0, 0
+        return out
