@@ -215,7 +215,10 @@ def resolve_weight(scorer: str, spec: WeightSpec, value: str | None = None) -> s
     """
     value = value or os.environ.get(spec.env) or spec.default
     if spec.kind == "arch":
-        return value  # checked by _open_clip_arch (a name or a JSON path)
+        # a registered name (checked when the model is built) or a model-config JSON file
+        if value.endswith(".json") and not os.path.isfile(os.path.expanduser(value)):
+            raise _fail(scorer, spec, value, "no such local file")
+        return os.path.expanduser(value) if value.endswith(".json") else value
     expanded = os.path.expanduser(value)
     if os.path.exists(expanded):
         if spec.kind == "file" and not os.path.isfile(expanded):
@@ -269,12 +272,14 @@ def _open_clip_arch(arch: str) -> str:
         if not path.is_file():
             raise WeightsNotFoundError(
                 f"open_clip model config {arch!r} not found (set SDPO_OPENCLIP_ARCH or "
-                f"--openclip_arch to an architecture name such as ViT-H-14 or a JSON file)"
+                f"--hpsv2_arch / --clip_arch to an architecture name such as ViT-H-14 or a JSON file)"
             )
         open_clip.add_model_config(path)
         return path.stem
     if arch not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip architecture {arch!r} (SDPO_OPENCLIP_ARCH)")
+        raise ValueError(
+            f"unknown open_clip architecture {arch!r} (SDPO_OPENCLIP_ARCH, --hpsv2_arch, --clip_arch)"
+        )
     return arch
 
 

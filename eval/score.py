@@ -1,0 +1,335 @@
+"""Score generation manifests with the five metrics: per-image JSONL + summary JSON + a table.
+
+    python -m eval.score --manifest M1.json [M2.json ...] [--metrics all|pickscore,hpsv2,...]
+        [--device auto] [--batch_size 16] [--summary_out PATH] [--<metric>_<weight> PATH ...]
+
+Beside each manifest ``M.json`` it writes
+
+* ``M.scores.jsonl``: one line per manifest entry, in order: ``index``, ``prompt``, ``image``
+  (the manifest's ``gen_image_path``), ``image_sha1`` (of the file's bytes) and one key per metric;
+* ``M.summary.json``: ``{"manifest", "n", "metrics": {metric: {"mean", "std", "n"}}}``
+  (``std`` is the sample standard deviation, 0 for one image).
+
+Resumable: a metric already stored for an entry with the same prompt and image bytes is not
+recomputed; the scores file is rewritten atomically after every ``--save_every`` batches.
+Missing images, a malformed manifest or missing weights are reported before any model loads.
+Weight flags (``--pickscore_model`` ...) and their environment variables: see eval/scorers.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METRICS = ("pickscore", "hpsv2", "clip", "aesthetics", "imagereward")
+
+
+@dataclass
+class ScoreConfig:
+    manifests: list[str] = field(default_factory=list)  # manifest JSON files to score
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))  # metrics to compute
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    batch_size: int = 16  # images per forward pass of each scorer
+    save_every: int = 20  # rewrite the scores file every this many batches (resume granularity)
+    summary_out: str | None = None  # optional combined summary JSON of all manifests
+    weights: dict[str, dict[str, str]] = field(default_factory=dict)  # metric -> {key: location}
+
+
+def parse_metrics(text: str) -> list[str]:
+    """``"all"`` or a comma list of metric names -> ordered list; unknown names are an error."""
+    if text.strip().lower() == "all":
+        return list(METRICS)
+    names = [m.strip().lower() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"unknown metric(s) {unknown or text!r}; choose from {list(METRICS)}")
+    return list(dict.fromkeys(names))
+
+
+def add_weight_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--<metric>_<key>`` flag per weight location of eval.scorers.WEIGHT_SPECS."""
+    from eval.scorers import WEIGHT_SPECS
+
+    group = parser.add_argument_group("weight locations (local path or hub id; override env)")
+    for metric, specs in WEIGHT_SPECS.items():
+        for spec in specs:
+            group.add_argument(
+                f"--{metric}_{spec.key}",
+                default=None,
+                help=f"{spec.what} (env {spec.env}, default {spec.default})",
+            )
+
+
+def weights_from_args(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    from eval.scorers import WEIGHT_SPECS
+
+    out: dict[str, dict[str, str]] = {}
+    for metric, specs in WEIGHT_SPECS.items():
+        for spec in specs:
+            value = getattr(args, f"{metric}_{spec.key}", None)
+            if value:
+                out.setdefault(metric, {})[spec.key] = value
+    return out
+
+
+def parse_args(argv=None) -> ScoreConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.score", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--manifest", nargs="+", required=True, help="manifest JSON file(s)")
+    parser.add_argument(
+        "--metrics", default="all", help="'all' or a comma list of " + ",".join(METRICS)
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--batch_size", type=int, default=16, help="images per scorer forward")
+    parser.add_argument("--save_every", type=int, default=20, help="batches between saves")
+    parser.add_argument("--summary_out", default=None, help="combined summary JSON (optional)")
+    add_weight_flags(parser)
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.save_every < 1:
+        parser.error("--batch_size and --save_every must be >= 1")
+    try:
+        metrics = parse_metrics(args.metrics)
+    except ValueError as err:
+        parser.error(str(err))
+    return ScoreConfig(
+        manifests=list(args.manifest),
+        metrics=metrics,
+        device=args.device,
+        batch_size=args.batch_size,
+        save_every=args.save_every,
+        summary_out=args.summary_out,
+        weights=weights_from_args(args),
+    )
+
+
+# ---------------------------------------------------------------- manifests and score files
+
+
+def load_manifest(path: str | Path) -> list[dict]:
+    """Read a manifest: a JSON list of objects with ``prompt`` and ``gen_image_path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    try:
+        entries = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"manifest {path} is not valid JSON: {err}") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"manifest {path} must be a JSON list of entries")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+            raise ValueError(f"manifest {path} entry {i} has no string 'prompt'")
+        if not entry.get("gen_image_path"):
+            raise ValueError(f"manifest {path} entry {i} has no 'gen_image_path'")
+    return entries
+
+
+def image_file(manifest: str | Path, entry: dict) -> Path:
+    """``gen_image_path`` resolved against the manifest's folder (absolute paths kept)."""
+    p = Path(entry["gen_image_path"]).expanduser()
+    return p if p.is_absolute() else Path(manifest).parent / p
+
+
+def scores_path(manifest: str | Path) -> Path:
+    m = Path(manifest)
+    return m.with_name(m.stem + ".scores.jsonl")
+
+
+def summary_path(manifest: str | Path) -> Path:
+    m = Path(manifest)
+    return m.with_name(m.stem + ".summary.json")
+
+
+def read_scores(path: str | Path) -> list[dict]:
+    """Records of a ``.scores.jsonl`` file (empty list if it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_scores(path: str | Path, records: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def summarize(records: list[dict], metrics: list[str]) -> dict[str, dict[str, float]]:
+    """Per metric ``mean``, sample ``std`` and ``n`` over the records that carry it."""
+    out = {}
+    for metric in metrics:
+        values = [r[metric] for r in records if r.get(metric) is not None]
+        n = len(values)
+        mean = sum(values) / n if n else float("nan")
+        var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+        out[metric] = {"mean": mean, "std": math.sqrt(var), "n": n}
+    return out
+
+
+def format_table(rows: dict[str, dict[str, dict[str, float]]], metrics: list[str]) -> str:
+    """Plain-text table: one row per label, ``mean ± std`` per metric."""
+    width = max([len("set")] + [len(k) for k in rows])
+    head = f"{'set':<{width}} | " + " | ".join(f"{m:>20}" for m in metrics)
+    lines = [head, "-" * len(head)]
+    for label, summary in rows.items():
+        cells = []
+        for m in metrics:
+            s = summary.get(m)
+            cells.append(f"{s['mean']:>10.4f} ± {s['std']:<7.4f}" if s and s["n"] else f"{'-':>20}")
+        lines.append(f"{label:<{width}} | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def _sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_rgb(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def prepare(cfg: ScoreConfig) -> list[tuple[Path, list[dict], list[dict]]]:
+    """Validate everything cheap first; return (manifest, entries, records to complete) each.
+
+    Records keep every stored metric of an entry whose prompt and image bytes are unchanged.
+    Raises one error listing all missing images, then one for missing weights.
+    """
+    jobs, missing = [], []
+    for manifest in cfg.manifests:
+        entries = load_manifest(manifest)
+        missing += [
+            str(image_file(manifest, e)) for e in entries if not image_file(manifest, e).is_file()
+        ]
+        jobs.append((Path(manifest), entries))
+    if missing:
+        shown = "\n  ".join(missing[:20])
+        more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) listed in the manifest(s) are missing:\n  {shown}{more}"
+        )
+    out = []
+    for manifest, entries in jobs:
+        old = read_scores(scores_path(manifest))
+        records = []
+        for i, entry in enumerate(entries):
+            path = image_file(manifest, entry)
+            rec = {
+                "index": i,
+                "prompt": entry["prompt"],
+                "image": entry["gen_image_path"],
+                "image_sha1": _sha1(path),
+            }
+            prev = old[i] if i < len(old) else None
+            if (
+                prev
+                and prev.get("prompt") == rec["prompt"]
+                and prev.get("image_sha1") == rec["image_sha1"]
+            ):
+                rec.update({m: prev[m] for m in METRICS if prev.get(m) is not None})
+            records.append(rec)
+        out.append((manifest, entries, records))
+    return out
+
+
+def score_manifests(cfg: ScoreConfig, scorer_factory=None) -> dict[str, dict]:
+    """Score every manifest of ``cfg``; return ``{manifest path: summary dict}``.
+
+    ``scorer_factory(metric, device, batch_size, **weights)`` defaults to eval.scorers.get_scorer.
+    All needed scorers are loaded together so each image is decoded once.
+    """
+    from eval.scorers import get_scorer, resolve_weights
+
+    scorer_factory = scorer_factory or get_scorer
+    jobs = prepare(cfg)
+    needed = [m for m in cfg.metrics if any(r.get(m) is None for _, _, recs in jobs for r in recs)]
+    if needed:
+        # resolve every weight location (one clear error) before building any model
+        resolved = {m: resolve_weights(m, **cfg.weights.get(m, {})) for m in needed}
+        device = resolve_device(cfg.device)
+        scorers = {
+            m: scorer_factory(m, device=device, batch_size=cfg.batch_size, **resolved[m])
+            for m in needed
+        }
+        for manifest, _entries, records in jobs:
+            _score_records(manifest, records, scorers, cfg)
+    summaries = {}
+    for manifest, _entries, records in jobs:
+        write_scores(scores_path(manifest), records)
+        summary = {
+            "manifest": str(manifest),
+            "n": len(records),
+            "metrics": summarize(records, cfg.metrics),
+        }
+        atomic_write_text(summary_path(manifest), json.dumps(summary, indent=1))
+        summaries[str(manifest)] = summary
+    return summaries
+
+
+def _score_records(manifest: Path, records: list[dict], scorers: dict, cfg: ScoreConfig) -> None:
+    from tqdm.auto import tqdm
+
+    todo = [r for r in records if any(r.get(m) is None for m in scorers)]
+    batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for k, batch in enumerate(
+            tqdm(batches, desc=f"scoring {manifest.name}", disable=not batches)
+        ):
+            images = list(
+                pool.map(
+                    _load_rgb, [image_file(manifest, {"gen_image_path": r["image"]}) for r in batch]
+                )
+            )
+            prompts = [r["prompt"] for r in batch]
+            for metric, scorer in scorers.items():
+                rows = [j for j, r in enumerate(batch) if r.get(metric) is None]
+                if not rows:
+                    continue
+                values = scorer.score([images[j] for j in rows], [prompts[j] for j in rows])
+                for j, v in zip(rows, values.tolist()):
+                    batch[j][metric] = float(v)
+            if (k + 1) % cfg.save_every == 0:
+                write_scores(scores_path(manifest), records)
+
+
+def main(cfg: ScoreConfig) -> dict[str, dict]:
+    summaries = score_manifests(cfg)
+    rows = {Path(m).stem: s["metrics"] for m, s in summaries.items()}
+    print(format_table(rows, cfg.metrics))
+    if cfg.summary_out:
+        Path(cfg.summary_out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cfg.summary_out, json.dumps(summaries, indent=1))
+    return summaries
+
+
+if __name__ == "__main__":
+    main(parse_args())
