@@ -1,0 +1,563 @@
+"""Generate the evaluation images of a prompt set with an SD1.5 or SDXL pipeline (diffusers).
+
+    python -m eval.generate --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --unet_path runs/x/checkpoint-2000/unet.pth --prompts papv2 --outdir runs/x/eval
+    accelerate launch -m eval.generate ...        # the missing images shared over the GPUs
+
+Semantics of the reference evaluation (reference/formulas.md, "Generation semantics"), all
+defaults here:
+
+* ``EulerDiscreteScheduler`` built from the base model's scheduler config, 50 steps.
+* Guidance ``eps = cond + cfg * (cond - uncond)`` with an EMPTY negative prompt. diffusers writes
+  ``uncond + g * (cond - uncond)``, so ``--cfg 7.5`` is run as ``guidance_scale = cfg + 1 = 8.5``.
+* One initial noise for every prompt: ``randn(1, 4, H/f, W/f)`` (``f`` = the VAE's downsampling)
+  from a generator seeded with ``--seed``, drawn on the GPU when running on CUDA (as the reference)
+  and on the CPU otherwise, in the UNet's dtype; the pipeline multiplies it by
+  ``init_noise_sigma``. A batch repeats this one noise, so batching does not change the images
+  (up to floating-point rounding).
+* UNet and text encoders in ``--dtype`` (bf16), the VAE in fp32, decoded one image at a time.
+  SDXL uses the ``madebyollin/sdxl-vae-fp16-fix`` VAE and 1024x1024 (SD1.5: the base VAE,
+  512x512); the SDXL pipeline's size conditioning is ``time_ids = [H, W, 0, 0, H, W]``.
+* ``--unet_path``: a ``unet.pth`` (plain UNet ``state_dict``, torch.save; ``.safetensors`` too)
+  loaded STRICTLY into the base model's UNet, or a diffusers UNet folder (or a folder holding
+  ``unet/`` or ``unet.pth``); omitted = the base model's UNet.
+
+Outputs, named as the reference: ``{outdir}/{set}_seed{S}_{H}x{W}_{steps}s_{cfg}cfg.json`` (the
+manifest: a JSON list, one entry per prompt with ``prompt``, ``gen_image_path`` (relative to the
+manifest's folder), ``raw_image_path``, ``metadata``) and the images
+``{outdir}/{same stem}/{index}_{H}x{W}.png``. Every PNG is written atomically; a rerun skips the
+images that exist (resume) and rewrites the manifest, without loading any model when nothing is
+missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from eval.prompts import PromptSetError, load_prompt_entries, set_name
+
+SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# Run settings a resumed run must share with the images already written (the rest of the
+# settings are in the file names).
+PROVENANCE_KEYS = ("base_model", "sdxl", "unet_path", "vae", "dtype", "prompts_sha256")
+
+
+class GenerationError(RuntimeError):
+    """Bad input to the generation (raised before any model is loaded where possible)."""
+
+
+@dataclass
+class GenerateConfig:
+    """Options of ``python -m eval.generate`` (see ``--help``)."""
+
+    prompts: str  # set name (papv2/hpsv2/partiprompts/smoke) or prompt file path
+    outdir: str  # the manifest goes here, the images into a sub-folder of the same stem
+    pretrained_model_name_or_path: str | None = None  # None: SD1.5 or SDXL base by --sdxl
+    sdxl: bool | None = None  # None: detected from the base model's model_index.json
+    vae: str = "auto"  # auto: fp16-fix VAE for SDXL, base VAE for SD1.5; "base"; id or path
+    unet_path: str | None = None  # unet.pth state_dict or UNet folder; None: base UNet
+    seed: int = 0
+    size: int | None = None  # None: 512 (SD1.5) / 1024 (SDXL)
+    height: int | None = None  # override --size per side
+    width: int | None = None
+    steps: int = 50
+    cfg: float = 7.5  # eps = cond + cfg * (cond - uncond); diffusers guidance_scale = cfg + 1
+    batch_size: int = 1
+    limit: int | None = None  # only the first N prompts
+    dtype: str = "bf16"  # UNet + text encoders (VAE always fp32)
+    device: str | None = None  # None: accelerate's device for this process
+    prompts_dir: str | None = None  # where set names are looked up (default: repo prompts/)
+
+
+def parse_args(argv: list[str] | None = None) -> GenerateConfig:
+    p = argparse.ArgumentParser(
+        prog="python -m eval.generate",
+        description="Generate one image per prompt with SD1.5 / SDXL (reference semantics).",
+    )
+    p.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help=f"base pipeline (hub id or folder); default {SD15_BASE}, or {SDXL_BASE} with --sdxl",
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--sdxl",
+        dest="sdxl",
+        action="store_true",
+        default=None,
+        help="SDXL pipeline (default: detected from the base model's model_index.json)",
+    )
+    g.add_argument("--no-sdxl", dest="sdxl", action="store_false", help="force SD1.5")
+    p.add_argument(
+        "--vae",
+        default="auto",
+        help=f"VAE: 'auto' ({SDXL_VAE} for SDXL, the base model's for SD1.5), 'base', "
+        "or a hub id / folder",
+    )
+    p.add_argument(
+        "--unet_path",
+        default=None,
+        help="unet.pth (UNet state_dict, loaded strictly into the base UNet) or a diffusers UNet "
+        "folder; default: the base model's UNet",
+    )
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="prompt set name (papv2, hpsv2, partiprompts, smoke) or a .json/.txt prompt file",
+    )
+    p.add_argument("--outdir", required=True, help="output folder of manifest and image folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the one shared initial noise")
+    p.add_argument("--size", type=int, default=None, help="image side (default 512 / SDXL 1024)")
+    p.add_argument("--height", type=int, default=None, help="image height (default --size)")
+    p.add_argument("--width", type=int, default=None, help="image width (default --size)")
+    p.add_argument("--steps", type=int, default=50, help="Euler steps")
+    p.add_argument(
+        "--cfg",
+        type=float,
+        default=7.5,
+        help="guidance as cond + cfg*(cond - uncond), i.e. diffusers guidance_scale = cfg + 1",
+    )
+    p.add_argument("--batch_size", type=int, default=1, help="prompts per pipeline call")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), default="bf16", help="UNet/text encoder dtype (VAE: fp32)"
+    )
+    p.add_argument("--device", default=None, help="e.g. cuda:0 or cpu (default: accelerate's)")
+    p.add_argument("--prompts_dir", default=None, help="folder where set names are looked up")
+    return GenerateConfig(**vars(p.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks (no model loading)
+
+
+def _read_model_index(base: str) -> dict | None:
+    """model_index.json of a local folder or of a cached hub model; None when unavailable."""
+    local = Path(base)
+    if local.is_dir():
+        f = local / "model_index.json"
+        if not f.is_file():
+            raise GenerationError(f"{base} is a folder without model_index.json (not a pipeline)")
+        return json.loads(f.read_text())
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(base, "model_index.json")).read_text())
+    except Exception:
+        return None  # offline and not cached: the flag decides, loading reports any problem
+
+
+def resolve_sdxl(cfg: GenerateConfig) -> tuple[str, bool]:
+    """(base model, is_sdxl) from the flags and the base model's model_index.json."""
+    base = cfg.pretrained_model_name_or_path or (SDXL_BASE if cfg.sdxl else SD15_BASE)
+    index = _read_model_index(base)
+    detected = None
+    if index is not None:
+        detected = "text_encoder_2" in index or "XL" in str(index.get("_class_name", ""))
+    if cfg.sdxl is not None and detected is not None and cfg.sdxl != detected:
+        kind = "an SDXL" if detected else "an SD1.5"
+        flag = "--sdxl" if cfg.sdxl else "--no-sdxl"
+        raise GenerationError(f"{base} is {kind} pipeline ({index.get('_class_name')}) but {flag}")
+    sdxl = detected if detected is not None else bool(cfg.sdxl)
+    return base, sdxl
+
+
+def resolve_unet_path(unet_path: str | None) -> tuple[str, str | None]:
+    """('base'|'state_dict'|'folder', path): what --unet_path points at."""
+    if not unet_path:
+        return "base", None
+    p = Path(unet_path)
+    if p.is_file():
+        return "state_dict", str(p)
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return "folder", str(p)
+        if (p / "unet" / "config.json").is_file():
+            return "folder", str(p / "unet")
+        for name in ("unet.pth", "unet.safetensors"):
+            if (p / name).is_file():
+                return "state_dict", str(p / name)
+        raise GenerationError(
+            f"--unet_path {p} is a folder with neither a UNet config.json, unet/config.json "
+            "nor unet.pth"
+        )
+    raise GenerationError(f"--unet_path not found: {p}")
+
+
+def output_stem(set_label: str, seed: int, height: int, width: int, steps: int, cfg: float):
+    """The reference's name: ``{set}_seed{S}_{H}x{W}_{steps}s_{cfg}cfg`` (cfg as Python float)."""
+    return f"{set_label}_seed{seed}_{height}x{width}_{steps}s_{float(cfg)}cfg"
+
+
+def image_name(index: int, height: int, width: int) -> str:
+    return f"{index}_{height}x{width}.png"
+
+
+@dataclass
+class Plan:
+    """Everything decided before loading models."""
+
+    base: str
+    sdxl: bool
+    unet_kind: str
+    unet_file: str | None
+    vae: str | None  # None: the base model's VAE
+    height: int
+    width: int
+    entries: list[dict]
+    manifest: Path
+    image_dir: Path
+    provenance: dict
+
+
+def make_plan(cfg: GenerateConfig) -> Plan:
+    """Check every input and decide names; raises GenerationError/PromptSetError (no models)."""
+    for name in ("steps", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise GenerationError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise GenerationError(f"--limit must be >= 1, got {cfg.limit}")
+    if cfg.dtype not in DTYPES:
+        raise GenerationError(f"--dtype must be one of {list(DTYPES)}, got {cfg.dtype}")
+    entries = load_prompt_entries(cfg.prompts, cfg.prompts_dir)
+    # Hash of the whole set (before --limit), so that a resumed run may change --limit.
+    prompts_sha = hashlib.sha256(
+        json.dumps([e["prompt"] for e in entries], ensure_ascii=False).encode()
+    ).hexdigest()
+    if cfg.limit is not None:
+        entries = entries[: cfg.limit]
+    base, sdxl = resolve_sdxl(cfg)
+    unet_kind, unet_file = resolve_unet_path(cfg.unet_path)
+    size = cfg.size or (1024 if sdxl else 512)
+    height, width = cfg.height or size, cfg.width or size
+    for side, v in (("height", height), ("width", width)):
+        if v < 8 or v % 8:
+            raise GenerationError(f"image {side} must be a positive multiple of 8, got {v}")
+    if cfg.vae in ("auto", "", None):
+        vae = SDXL_VAE if sdxl else None
+    elif cfg.vae in ("base", "none"):
+        vae = None
+    else:
+        vae = cfg.vae
+    stem = output_stem(set_name(cfg.prompts), cfg.seed, height, width, cfg.steps, cfg.cfg)
+    outdir = Path(cfg.outdir)
+    provenance = {
+        "base_model": base,
+        "sdxl": sdxl,
+        "unet_path": str(Path(unet_file).resolve()) if unet_file else None,
+        "vae": vae or "base",
+        "dtype": cfg.dtype,
+        "prompts_sha256": prompts_sha,
+        "seed": cfg.seed,
+        "height": height,
+        "width": width,
+        "steps": cfg.steps,
+        "cfg": cfg.cfg,
+        "guidance_scale": cfg.cfg + 1.0,
+        "scheduler": "EulerDiscreteScheduler",
+        "negative_prompt": "",
+    }
+    return Plan(
+        base=base,
+        sdxl=sdxl,
+        unet_kind=unet_kind,
+        unet_file=unet_file,
+        vae=vae,
+        height=height,
+        width=width,
+        entries=entries,
+        manifest=outdir / f"{stem}.json",
+        image_dir=outdir / stem,
+        provenance=provenance,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _save_png_atomic(image, path: Path, prompt: str) -> None:
+    """PNG via a temporary file in the same folder + os.replace: never a truncated image."""
+    from PIL import ExifTags, Image
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.ImageDescription] = prompt  # the prompt travels with the image
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        image.save(tmp, format="PNG", exif=exif)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_resumable(plan: Plan) -> None:
+    """Images already in the folder must come from the same run settings (base model, UNet, VAE,
+    dtype, prompts): otherwise resuming would mix two models' images. Read-only (any process)."""
+    record = plan.image_dir / "generation_config.json"
+    if not record.is_file() or not any(plan.image_dir.glob("*.png")):
+        return
+    old = json.loads(record.read_text())
+    diff = [k for k in PROVENANCE_KEYS if old.get(k) != plan.provenance.get(k)]
+    if diff:
+        details = "; ".join(f"{k}: {old.get(k)!r} -> {plan.provenance.get(k)!r}" for k in diff)
+        raise GenerationError(
+            f"{plan.image_dir} holds images of a different run ({details}); use another "
+            "--outdir or delete that folder"
+        )
+
+
+def prepare_output(plan: Plan) -> None:
+    """Main process: create the image folder, drop leftovers of interrupted writes, record the
+    run settings."""
+    plan.image_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in plan.image_dir.glob(".*.tmp-*"):
+        leftover.unlink(missing_ok=True)
+    _write_json_atomic(plan.image_dir / "generation_config.json", plan.provenance)
+
+
+def missing_indices(plan: Plan) -> list[int]:
+    return [
+        i
+        for i in range(len(plan.entries))
+        if not (plan.image_dir / image_name(i, plan.height, plan.width)).is_file()
+    ]
+
+
+def write_manifest(plan: Plan) -> Path:
+    """The reference manifest over all prompts; every image must exist."""
+    rows, absent = [], []
+    for i, entry in enumerate(plan.entries):
+        name = image_name(i, plan.height, plan.width)
+        if not (plan.image_dir / name).is_file():
+            absent.append(i)
+        metadata = dict(entry.get("metadata") or {})
+        metadata.update(index=i, **plan.provenance)
+        rows.append(
+            {
+                "prompt": entry["prompt"],
+                "gen_image_path": f"{plan.image_dir.name}/{name}",  # relative to the manifest
+                "raw_image_path": entry.get("raw_image_path", ""),
+                "metadata": metadata,
+            }
+        )
+    if absent:
+        raise GenerationError(
+            f"{len(absent)} image(s) missing in {plan.image_dir} (e.g. indices {absent[:5]}); "
+            "rerun the same command to generate them"
+        )
+    _write_json_atomic(plan.manifest, rows)
+    return plan.manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def load_unet_state_dict(path: str) -> dict:
+    import torch
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict):
+        raise GenerationError(f"{path} is not a state_dict (got {type(sd).__name__})")
+    # A state_dict saved from a DDP-wrapped or torch.compile'd UNet: strip the wrapper prefix.
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def load_unet_strict(unet, path: str) -> None:
+    """Load ``path`` into ``unet`` requiring the exact same keys and shapes (one clear error)."""
+    sd = load_unet_state_dict(path)
+    own = unet.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mismatched = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    if missing or unexpected or mismatched:
+        raise GenerationError(
+            f"{path} does not match the base model's UNet: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}), "
+            f"{len(mismatched)} shape mismatches (e.g. {mismatched[:3]}). Is it a UNet "
+            "state_dict of this base model (SD1.5 vs SDXL)?"
+        )
+    unet.load_state_dict(sd, strict=True)
+
+
+def _from_pretrained(cls, name: str, what: str, **kw):
+    try:
+        return cls.from_pretrained(name, **kw)
+    except (OSError, ValueError) as e:
+        raise GenerationError(
+            f"could not load the {what} from '{name}' ({type(e).__name__}: {e}). Download it "
+            f"first (`hf download {name}`) or pass a local folder"
+        ) from e
+
+
+def load_pipeline(plan: Plan, dtype_name: str, device):
+    """The diffusers pipeline of ``plan`` with the reference components, on ``device``."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+
+    dtype = getattr(torch, DTYPES[dtype_name])
+    if plan.unet_kind == "folder":
+        unet = _from_pretrained(UNet2DConditionModel, plan.unet_file, "UNet", torch_dtype=dtype)
+    else:
+        unet = _from_pretrained(
+            UNet2DConditionModel, plan.base, "base UNet", subfolder="unet", torch_dtype=dtype
+        )
+        if plan.unet_kind == "state_dict":
+            load_unet_strict(unet, plan.unet_file)
+    if plan.vae is None:
+        vae_kw = dict(subfolder="vae")
+        vae_src = plan.base
+    else:
+        vae_src = plan.vae
+        vae_kw = dict(subfolder="vae") if (Path(vae_src) / "vae" / "config.json").is_file() else {}
+    vae = _from_pretrained(AutoencoderKL, vae_src, "VAE", torch_dtype=torch.float32, **vae_kw)
+    scheduler = _from_pretrained(
+        EulerDiscreteScheduler, plan.base, "scheduler config", subfolder="scheduler"
+    )
+    extra = {}
+    if not plan.sdxl:
+        extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    cls = StableDiffusionXLPipeline if plan.sdxl else StableDiffusionPipeline
+    pipe = _from_pretrained(
+        cls, plan.base, "base pipeline", unet=unet, vae=vae, scheduler=scheduler,
+        torch_dtype=dtype, **extra,
+    )  # fmt: skip
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def shared_noise(pipe, height: int, width: int, seed: int, device):
+    """The reference's one initial noise ``randn(1, C, H/f, W/f)``, shape [1, C, H/f, W/f].
+
+    Drawn on the GPU when running on CUDA (the reference's generator device) and on the CPU
+    otherwise, directly in the UNet's dtype as the reference does.
+    """
+    import torch
+
+    gen_device = torch.device(device) if torch.device(device).type == "cuda" else "cpu"
+    f = pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, height // f, width // f)
+    gen = torch.Generator(device=gen_device).manual_seed(seed)
+    return torch.randn(shape, generator=gen, device=gen_device, dtype=pipe.unet.dtype)
+
+
+def generate_batch(pipe, prompts: list[str], noise, plan: Plan, cfg: GenerateConfig):
+    """PIL images of ``prompts``, all started from ``noise`` [1, C, h, w]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    latents = noise.to(pipe.device).expand(len(prompts), -1, -1, -1).clone()
+    out = pipe(
+        prompt=prompts,
+        negative_prompt=[""] * len(prompts),  # the reference encodes "" (no zeroed SDXL uncond)
+        height=plan.height,
+        width=plan.width,
+        num_inference_steps=cfg.steps,
+        guidance_scale=cfg.cfg + 1.0,  # cond + cfg*(cond-uncond) == uncond + (cfg+1)*(cond-uncond)
+        latents=latents,  # the pipeline multiplies by init_noise_sigma
+        output_type="latent",
+    )
+    vae = pipe.vae
+    images = []
+    with torch.no_grad():
+        for lat in out.images:  # one at a time: fp32 decodes of 1024^2 are memory-hungry
+            x = lat[None].to(device=vae.device, dtype=torch.float32) / vae.config.scaling_factor
+            if getattr(vae.config, "shift_factor", None) is not None:
+                x = x + vae.config.shift_factor
+            x = vae.decode(x, return_dict=False)[0]
+            x = (x / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
+            images.append(Image.fromarray((x * 255).round().astype(np.uint8)))
+    return images
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+
+
+def run(cfg: GenerateConfig, state) -> Path:
+    """Generate this process's share of the missing images, then (main) write the manifest.
+
+    ``state`` is an ``accelerate.PartialState`` (or an object with ``process_index``,
+    ``num_processes``, ``is_main_process``, ``device`` and ``wait_for_everyone()``).
+    """
+    from tqdm.auto import tqdm
+
+    plan = make_plan(cfg)
+    check_resumable(plan)
+    if state.is_main_process:
+        prepare_output(plan)
+    state.wait_for_everyone()
+    todo = missing_indices(plan)
+    # Every process must list the missing images before anyone writes new ones.
+    state.wait_for_everyone()
+    mine = todo[state.process_index :: state.num_processes]
+    if state.is_main_process:
+        print(
+            f"{plan.manifest.stem}: {len(plan.entries)} prompts, {len(todo)} to generate "
+            f"over {state.num_processes} process(es)",
+            flush=True,
+        )
+    if mine:
+        device = cfg.device or state.device
+        pipe = load_pipeline(plan, cfg.dtype, device)
+        noise = shared_noise(pipe, plan.height, plan.width, cfg.seed, device)
+        bar = tqdm(total=len(mine), desc="generate", disable=not state.is_main_process)
+        for start in range(0, len(mine), cfg.batch_size):
+            idx = mine[start : start + cfg.batch_size]
+            prompts = [plan.entries[i]["prompt"] for i in idx]
+            for i, image in zip(idx, generate_batch(pipe, prompts, noise, plan, cfg)):
+                path = plan.image_dir / image_name(i, plan.height, plan.width)
+                _save_png_atomic(image, path, plan.entries[i]["prompt"])
+            bar.update(len(idx))
+        bar.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        write_manifest(plan)
+        print(f"manifest: {plan.manifest}", flush=True)
+    return plan.manifest
+
+
+def main(cfg: GenerateConfig) -> Path:
+    from accelerate import PartialState
+
+    return run(cfg, PartialState())
+
+
+if __name__ == "__main__":
+    _cfg = parse_args()
+    try:
+        main(_cfg)
+    except (GenerationError, PromptSetError) as e:
+        sys.exit(f"error: {e}")
