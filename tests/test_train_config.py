@@ -1,0 +1,181 @@
+"""train.py's configuration: reference flags and defaults, derived defaults, and one clear error
+per bad value, raised before any model or data loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+from sdpo.config import TrainConfig, build_parser, parse_args, validate
+from tests.train_fixtures import build_models, train_args
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    from sdpo.data import write_synthetic_pickapic
+
+    write_synthetic_pickapic(tmp_path / "data", n_pairs=4)
+    return tmp_path / "data"
+
+
+def _error(capsys, argv) -> str:
+    """Parse ``argv``; it must exit through argparse (status 2); return the message."""
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_reference_defaults_and_help(data_dir):
+    # defaults.md, value by value (the default fp16 only validates where CUDA exists: checked on
+    # the dataclass below)
+    cfg = parse_args(
+        ["--pretrained_model_name_or_path", "org/model", "--dataset_name", "d/p"]
+        + ["--mixed_precision", "no"]
+    )
+    expected = {
+        "beta_dpo": 5000.0,
+        "learning_rate": 1e-8,
+        "lr_scheduler": "constant_with_warmup",
+        "lr_warmup_steps": 500,
+        "max_train_steps": 2000,
+        "num_train_epochs": 100,
+        "proportion_empty_prompts": 0.2,
+        "checkpointing_steps": 500,
+        "resume_from_checkpoint": "latest",
+        "report_to": "tensorboard",
+        "train_method": "diffusion-dpo",
+        "winner_preserving_mu": 0.0,
+        "dmpo_alpha": 0.0,
+        "adam_weight_decay": 1e-2,
+        "output_dir": "sd-model-finetuned",
+        "tracker_project_name": "tuning",
+        "split": "train",
+        "resolution": 512,
+        "use_adafactor": False,
+        "gradient_checkpointing": False,
+    }
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert TrainConfig.__dataclass_fields__["mixed_precision"].default == "fp16"
+    # Every field is a flag with help text.
+    flags = {a.dest: a for a in build_parser()._actions if a.dest != "help"}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert flags.keys() == fields.keys()
+    assert all(f.metadata["help"] for f in fields.values())
+    assert set(flags["train_method"].choices) == {"diffusion-dpo", "dspo", "dmpo", "sft"}
+
+
+def test_sdxl_derived_defaults():
+    cfg = parse_args(
+        ["--pretrained_model_name_or_path", "org/m", "--dataset_name", "d/p", "--sdxl"]
+        + ["--mixed_precision", "bf16"]
+    )
+    assert cfg.resolution == 1024
+    assert cfg.gradient_checkpointing and cfg.use_adafactor
+    assert cfg.optimizer_name == "adafactor"
+    cfg = parse_args(
+        ["--pretrained_model_name_or_path", "org/m", "--dataset_name", "d/p"]
+        + ["--mixed_precision", "no"]
+    )
+    assert cfg.optimizer_name == "adamw"
+
+
+@pytest.mark.parametrize(
+    "extra, flag",
+    [
+        (["--winner_preserving_mu", "1.5"], "--winner_preserving_mu"),
+        (["--winner_preserving_mu", "-0.1"], "--winner_preserving_mu"),
+        (["--dmpo_alpha", "1.0"], "--dmpo_alpha"),
+        (["--train_batch_size", "0"], "--train_batch_size"),
+        (["--gradient_accumulation_steps", "-1"], "--gradient_accumulation_steps"),
+        (["--resolution", "30"], "--resolution"),
+        (["--proportion_empty_prompts", "2"], "--proportion_empty_prompts"),
+        (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit"),
+        (["--beta_dpo", "0"], "--beta_dpo"),
+        (["--train_method", "ppo"], "--train_method"),
+        (["--mixed_precision", "fp8"], "--mixed_precision"),
+        (["--resume_from_checkpoint", "/nonexistent/checkpoint-5"], "--resume_from_checkpoint"),
+        (["--unet_init", "/nonexistent/unet.pth"], "--unet_init"),
+        (["--use_8bit_adam"], "--use_8bit_adam"),  # bitsandbytes is not installed here
+    ],
+)
+def test_bad_values_name_the_flag(capsys, models, data_dir, tmp_path, extra, flag):
+    err = _error(capsys, train_args(models["sd15"], data_dir, tmp_path / "o", *extra))
+    assert flag in err
+
+
+def test_fp16_on_cpu_is_a_clear_error(capsys, models, data_dir, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():  # on a GPU machine fp16 is legal: check the opposite
+        cfg = parse_args(
+            train_args(models["sd15"], data_dir, tmp_path, "--mixed_precision", "fp16")
+        )
+        assert cfg.mixed_precision == "fp16"
+        return
+    err = _error(
+        capsys, train_args(models["sd15"], data_dir, tmp_path, "--mixed_precision", "fp16")
+    )
+    assert "--mixed_precision" in err and "CUDA" in err
+
+
+def test_dataset_source_required_exactly_once(capsys, models, data_dir, tmp_path):
+    base = ["--pretrained_model_name_or_path", str(models["sd15"]), "--mixed_precision", "no"]
+    assert "--dataset_name" in _error(capsys, base)
+    both = base + ["--dataset_name", "x/y", "--train_data_dir", str(data_dir)]
+    assert "--dataset_name" in _error(capsys, both)
+    assert "--train_data_dir" in _error(capsys, base + ["--train_data_dir", str(tmp_path / "no")])
+
+
+def test_validate_rejects_a_hand_built_config(models, data_dir):
+    cfg = TrainConfig(
+        pretrained_model_name_or_path=str(models["sd15"]),
+        train_data_dir=str(data_dir),
+        mixed_precision="no",
+        winner_preserving_mu=2.0,
+        resolution=32,
+    )
+    with pytest.raises(ValueError, match="--winner_preserving_mu"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_family_mismatch_is_caught_before_weights_load(
+    models, data_dir, tmp_path, monkeypatch, family
+):
+    """--sdxl on an SD1.5 folder (and no --sdxl on an SDXL one): a ValueError from the configs
+    alone; main() fails before loading any model or image."""
+    import train
+    from sdpo import data
+    from sdpo import family as fam
+
+    def forbidden(*_, **__):
+        raise AssertionError("loaded data or weights before the family check")
+
+    monkeypatch.setattr(fam, "load_model_parts", forbidden)
+    monkeypatch.setattr(data, "build_dataloader", forbidden)
+    cfg = parse_args(train_args(models[family], data_dir, tmp_path / "o", sdxl=family == "sd15"))
+    with pytest.raises(ValueError, match="--sdxl" if family == "sd15" else "pass --sdxl"):
+        train.main(cfg)
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_epsilon_scheduler_is_rejected(models, data_dir, tmp_path):
+    from sdpo.family import check_family
+
+    model = tmp_path / "vpred"
+    shutil.copytree(models["sd15"], model)
+    sched = model / "scheduler" / "scheduler_config.json"
+    sched.write_text(
+        json.dumps({**json.loads(sched.read_text()), "prediction_type": "v_prediction"})
+    )
+    with pytest.raises(ValueError, match="epsilon"):
+        check_family(parse_args(train_args(model, data_dir, tmp_path / "o")))
