@@ -68,8 +68,13 @@ def _get_head_mask(self, head_mask, num_hidden_layers, is_attention_chunked=Fals
 
 
 def _additional_special_tokens_ids(self):
-    extra = self.special_tokens_map.get("additional_special_tokens", []) or []
-    return self.convert_tokens_to_ids(list(extra))
+    # 5.x keeps what 4.x called additional special tokens in ``extra_special_tokens``
+    extra = getattr(self, "extra_special_tokens", None)
+    if extra is None:
+        extra = self.special_tokens_map.get("additional_special_tokens", [])
+    if isinstance(extra, dict):
+        extra = list(extra.values())
+    return self.convert_tokens_to_ids([str(t) for t in extra])
 
 
 def apply() -> None:

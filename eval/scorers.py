@@ -8,7 +8,8 @@ pickscore      transformers ``CLIPModel`` PickScore_v1, processor of laion CLIP-
                the L2-normalised image and text embeddings (NO logit_scale), text padded and
                truncated to 77 tokens.
 hpsv2          open_clip ``ViT-H-14`` built with ``pretrained=None`` + ``HPS_v2_compressed.pt``
-               (``torch.load(f)["state_dict"]``), open_clip val preprocessing and tokenizer; cosine.
+               (``torch.load(f)["state_dict"]``), the HPS package's open_clip val preprocessing
+               (tensor resize) and the open_clip tokenizer; cosine.
 clip           open_clip ``ViT-H-14`` / ``laion2B-s32B-b79K``; the same cosine.
 aesthetics     ``openai/clip-vit-large-patch14`` image embeddings, L2-normalised, into the LAION
                improved-aesthetic MLP (768-1024-128-64-16-1 Linear layers, dropout, no activation).
@@ -390,10 +391,32 @@ class HPSv2Scorer(_OpenClipCosine):
         super().__init__(device, batch_size)
         paths = resolve_weights(self.name, **weights)
         model = self._build(paths["arch"])
+        self.preprocess = _hps_val_transform(model.visual.image_size)
         checkpoint = _torch_load(paths["checkpoint"])
         state_dict = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint
         _load_strict(model, state_dict, f"HPSv2 checkpoint {paths['checkpoint']}")
         self.model = model.eval().to(self.device)
+
+
+def _hps_val_transform(image_size):
+    """HPSv2's val preprocessing (its vendored open_clip ``image_transform(is_train=False)``).
+
+    Unlike open_clip 3.x (PIL resize), HPS converts to a tensor first and resizes the tensor
+    (bicubic, antialiased); the difference moves scores by ~1e-4, so we follow the package.
+    """
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from torchvision import transforms as T
+
+    size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+    return T.Compose(
+        [
+            lambda im: im.convert("RGB"),
+            T.ToTensor(),
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
+        ]
+    )
 
 
 class ClipScorer(_OpenClipCosine):
