@@ -76,6 +76,7 @@ class GenerateConfig:
     dtype: str = "bf16"  # UNet + text encoders (VAE always fp32)
     device: str | None = None  # None: accelerate's device for this process
     prompts_dir: str | None = None  # where set names are looked up (default: repo prompts/)
+    print_manifest_path: bool = False  # print the manifest path and exit (for scripts)
 
 
 def parse_args(argv: list[str] | None = None) -> GenerateConfig:
@@ -133,6 +134,11 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     )
     p.add_argument("--device", default=None, help="e.g. cuda:0 or cpu (default: accelerate's)")
     p.add_argument("--prompts_dir", default=None, help="folder where set names are looked up")
+    p.add_argument(
+        "--print_manifest_path",
+        action="store_true",
+        help="check the inputs, print the manifest path this command writes, and exit",
+    )
     return GenerateConfig(**vars(p.parse_args(argv)))
 
 
@@ -404,6 +410,16 @@ def load_unet_strict(unet, path: str) -> None:
     unet.load_state_dict(sd, strict=True)
 
 
+def _dtype_kwarg(dtype) -> dict:
+    """``dtype=`` on diffusers releases that renamed ``torch_dtype`` (deprecated there)."""
+    try:
+        from diffusers.utils.deprecation_utils import _TORCH_DTYPE_DEPRECATION_MESSAGE  # noqa: F401
+
+        return {"dtype": dtype}
+    except ImportError:
+        return {"torch_dtype": dtype}
+
+
 def _from_pretrained(cls, name: str, what: str, **kw):
     try:
         return cls.from_pretrained(name, **kw)
@@ -427,10 +443,10 @@ def load_pipeline(plan: Plan, dtype_name: str, device):
 
     dtype = getattr(torch, DTYPES[dtype_name])
     if plan.unet_kind == "folder":
-        unet = _from_pretrained(UNet2DConditionModel, plan.unet_file, "UNet", torch_dtype=dtype)
+        unet = _from_pretrained(UNet2DConditionModel, plan.unet_file, "UNet", **_dtype_kwarg(dtype))
     else:
         unet = _from_pretrained(
-            UNet2DConditionModel, plan.base, "base UNet", subfolder="unet", torch_dtype=dtype
+            UNet2DConditionModel, plan.base, "base UNet", subfolder="unet", **_dtype_kwarg(dtype)
         )
         if plan.unet_kind == "state_dict":
             load_unet_strict(unet, plan.unet_file)
@@ -440,7 +456,8 @@ def load_pipeline(plan: Plan, dtype_name: str, device):
     else:
         vae_src = plan.vae
         vae_kw = dict(subfolder="vae") if (Path(vae_src) / "vae" / "config.json").is_file() else {}
-    vae = _from_pretrained(AutoencoderKL, vae_src, "VAE", torch_dtype=torch.float32, **vae_kw)
+    vae_kw.update(_dtype_kwarg(torch.float32))
+    vae = _from_pretrained(AutoencoderKL, vae_src, "VAE", **vae_kw)
     scheduler = _from_pretrained(
         EulerDiscreteScheduler, plan.base, "scheduler config", subfolder="scheduler"
     )
@@ -450,7 +467,7 @@ def load_pipeline(plan: Plan, dtype_name: str, device):
     cls = StableDiffusionXLPipeline if plan.sdxl else StableDiffusionPipeline
     pipe = _from_pretrained(
         cls, plan.base, "base pipeline", unet=unet, vae=vae, scheduler=scheduler,
-        torch_dtype=dtype, **extra,
+        **_dtype_kwarg(dtype), **extra,
     )  # fmt: skip
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -550,6 +567,10 @@ def run(cfg: GenerateConfig, state) -> Path:
 
 
 def main(cfg: GenerateConfig) -> Path:
+    if cfg.print_manifest_path:  # for scripts: the name without generating (nor importing torch)
+        manifest = make_plan(cfg).manifest
+        print(manifest, flush=True)
+        return manifest
     from accelerate import PartialState
 
     return run(cfg, PartialState())

@@ -63,6 +63,8 @@ def resolve_prompt_file(name_or_path: str | os.PathLike, prompts_dir: str | Path
     base = Path(prompts_dir) if prompts_dir is not None else PROMPTS_DIR
     if s in PAPER_SETS or s in BUILTIN_SETS:
         path = base / f"{s}.json"
+        if s in BUILTIN_SETS and not path.is_file():
+            path = PROMPTS_DIR / f"{s}.json"  # built-in sets ship with the repository
         if not path.is_file():
             if s in PAPER_SETS:
                 raise PromptSetError(

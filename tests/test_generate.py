@@ -1,7 +1,11 @@
 """eval.generate on tiny random SD1.5- and SDXL-style pipelines (CPU, fp32, 32 px, 2 steps)."""
 
+import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -11,6 +15,7 @@ import torch
 from PIL import Image
 
 import eval.generate as G
+from eval.prompts import PAPER_SETS
 
 N = 6  # prompts of the shared base runs
 SIZE, STEPS = 32, 2
@@ -391,3 +396,68 @@ def test_bad_inputs_fail_before_loading_models(base_runs, models, tmp_path, monk
     shutil.copytree(base_runs["sd15"].parent / STEM, tmp_path / "r" / STEM)
     with pytest.raises(G.GenerationError, match="holds images of a different run"):
         G.main(G.parse_args(_args(sd15, tmp_path / "r", "--limit", 2, "--dtype", "bf16")))
+
+
+def test_print_manifest_path_loads_nothing(models, tmp_path, monkeypatch):
+    monkeypatch.setattr(G, "load_pipeline", lambda *a, **k: pytest.fail("loaded models"))
+    argv = _args(models["sdxl"], tmp_path / "o", "--cfg", 5, "--seed", 3, "--print_manifest_path")
+    assert (
+        G.main(G.parse_args(argv))
+        == tmp_path / "o" / f"smoke_seed3_{SIZE}x{SIZE}_{STEPS}s_5.0cfg.json"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_script_generates_beside_the_unet(models, tmp_path):
+    """scripts/eval/test_sdxl.sh (-> test_sd15.sh with EVAL_KIND=sdxl), scoring off: a missing
+    paper prompt file is fetched from PROMPTS_FROM into PROMPTS_DIR, the outputs land in
+    $(dirname unet.pth)/eval_sdxl/, env overrides and extra args reach eval.generate."""
+    from diffusers import UNet2DConditionModel
+
+    ckpt = tmp_path / "checkpoint-5"
+    ckpt.mkdir()
+    unet = UNet2DConditionModel.from_pretrained(models["sdxl"], subfolder="unet")
+    torch.save(unet.state_dict(), ckpt / "unet.pth")
+    repo = Path(G.__file__).resolve().parent.parent
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        MODEL_NAME=str(models["sdxl"]),
+        VAE="base",
+        SIZE=str(SIZE),
+        STEP=str(STEPS),
+        CFG="3",
+        SEED="1",
+        DTYPE="fp32",
+        SETS="papv2,smoke",
+        METRICS="none",
+        NUM_PROCESSES="1",
+        PROMPTS_DIR=str(tmp_path / "prompts"),
+        PROMPTS_FROM="/work/shared/prompts",
+    )
+    r = subprocess.run(
+        [
+            "bash",
+            str(repo / "scripts/eval/test_sdxl.sh"),
+            str(ckpt / "unet.pth"),
+            "--limit",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    fetched = tmp_path / "prompts" / "papv2.json"
+    assert hashlib.sha256(fetched.read_bytes()).hexdigest() == PAPER_SETS["papv2"]
+    out = ckpt / "eval_sdxl"
+    for name in ("papv2", "smoke"):
+        stem = f"{name}_seed1_{SIZE}x{SIZE}_{STEPS}s_3.0cfg"
+        rows = json.loads((out / f"{stem}.json").read_text())
+        assert len(rows) == 1 and (out / rows[0]["gen_image_path"]).is_file()
+        assert rows[0]["metadata"]["unet_path"] == str((ckpt / "unet.pth").resolve())
+        assert rows[0]["metadata"]["sdxl"] is True
+        assert str(out / f"{stem}.json") in r.stdout
