@@ -1,0 +1,216 @@
+"""End-to-end training runs on tiny SD1.5 / SDXL models (CPU): every objective with and without
+the safeguard, real ``accelerate launch`` runs (1 and 2 processes), exact resume, gradient
+accumulation equivalence, checkpoint layout and the saved UNet."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from sdpo.data import write_synthetic_pickapic
+from tests.train_fixtures import (
+    REPO,
+    build_models,
+    load_unet_state,
+    max_abs_diff,
+    relative_gap,
+    train_args,
+)
+
+# β per objective and family, as the reference recipes (defaults.md); DMPO also gets α.
+BETA = {"diffusion-dpo": "5000", "dspo": "0.001", "dmpo": "2000", "sft": "5000"}
+LOG_KEYS = {
+    "step",
+    "epoch",
+    "loss",
+    "model_mse",
+    "loser_scale",
+    "loser_scale_min",
+    "lr",
+    "grad_norm",
+    "corrupt_skipped",
+}
+PAIRED_KEYS = {"implicit_acc", "ref_mse", "winner_diff", "loser_diff"}
+# Update linear in the gradient (Adam with a large ε), so float rounding is not amplified into
+# ±lr sign flips when comparing two layouts of the same global batch.
+LINEAR_ADAM = ("--learning_rate", "1.0", "--adam_epsilon", "1.0", "--lr_warmup_steps", "0")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    models = build_models(root / "models")
+    data = root / "data"
+    write_synthetic_pickapic(data, n_pairs=12, ties=2, corrupt_rows=1)
+    start = {name: load_unet_state(path) for name, path in models.items()}
+    return {"models": models, "data": data, "start": start}
+
+
+def _log(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def _run(env, family, out, *extra):
+    cfg = train.parse_args(
+        train_args(env["models"][family], env["data"], out, *extra, sdxl=family == "sdxl")
+    )
+    return train.main(cfg)
+
+
+@pytest.mark.parametrize("safeguard", [False, True], ids=["plain", "safeguard"])
+@pytest.mark.parametrize("method", ["diffusion-dpo", "dspo", "dmpo", "sft"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_every_method_trains(env, tmp_path, family, method, safeguard):
+    extra = ["--train_method", method, "--beta_dpo", BETA[method], "--dmpo_alpha", "0.01"]
+    if safeguard:
+        extra += ["--use_winner_preserving", "--winner_preserving_mu", "0.5"]
+    result = _run(env, family, tmp_path, *extra)
+    start = env["start"][family]
+
+    assert result["global_step"] == 2
+    assert max_abs_diff(result["unet"].state_dict(), start) > 0  # the policy moved
+    if method == "sft":
+        assert result["ref_unet"] is None  # SFT needs no reference model
+    else:
+        ref = result["ref_unet"]
+        assert not any(p.requires_grad for p in ref.parameters())
+        assert max_abs_diff(ref.state_dict(), start) == 0  # the frozen reference did not
+
+    rows = _log(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    keys = LOG_KEYS | (PAIRED_KEYS if method != "sft" else set())
+    assert all(keys <= r.keys() for r in rows)
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    lam = [r["loser_scale"] for r in rows]
+    if safeguard and method != "sft":
+        assert all(0.0 <= v <= 1.0 for v in lam) and min(lam) < 1.0  # the safeguard acted
+        assert all(r["loser_scale_min"] <= r["loser_scale"] for r in rows)
+    else:
+        assert lam == [1.0, 1.0]
+
+
+def test_gradient_accumulation_matches_one_big_batch(env, tmp_path):
+    """1 micro-step x 4 pairs == 4 micro-steps x 1 pair: same pairs, same noise and timesteps
+    (keyed by row, not by position), mean over pairs either way."""
+    common = ("--max_train_steps", "2", "--no_hflip", "--proportion_empty_prompts", "0")
+    big = _run(env, "sd15", tmp_path / "big", *common, *LINEAR_ADAM, "--train_batch_size", "4")
+    small = _run(
+        env,
+        "sd15",
+        tmp_path / "acc",
+        *common,
+        *LINEAR_ADAM,
+        "--train_batch_size",
+        "1",
+        "--gradient_accumulation_steps",
+        "4",
+    )
+    start = env["start"]["sd15"]
+    a, b = big["unet"].state_dict(), small["unet"].state_dict()
+    assert relative_gap(a, b, start) < 1e-3
+    for ra, rb in zip(_log(tmp_path / "big"), _log(tmp_path / "acc")):
+        # β = 5000 multiplies float rounding of the error gaps: the loss agrees to ~1e-4 only
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=2e-3)
+        assert ra["model_mse"] == pytest.approx(rb["model_mse"], rel=1e-5)
+
+
+def _launch(n_proc: int, args: list[str]) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(n_proc),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--cpu",
+        "train.py",
+        *args,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_two_process_launch_matches_one_process(env, tmp_path):
+    """`accelerate launch --num_processes 2` (gloo) with 2 pairs each == 1 process with 4 pairs."""
+    common = ["--max_train_steps", "2", "--no_hflip", "--proportion_empty_prompts", "0"]
+    common += [*LINEAR_ADAM, "--use_winner_preserving", "--winner_preserving_sync"]
+    one = _run(env, "sd15", tmp_path / "one", *common, "--train_batch_size", "4")
+    args = train_args(env["models"]["sd15"], env["data"], tmp_path / "two", *common)
+    _launch(2, args + ["--train_batch_size", "2"])
+    two = torch.load(tmp_path / "two" / "unet.pth", weights_only=True)
+    assert relative_gap(one["unet"].state_dict(), two, env["start"]["sd15"]) < 1e-3
+    rows_one, rows_two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert [r["lr"] for r in rows_one] == [r["lr"] for r in rows_two]  # schedule per opt. step
+    for ra, rb in zip(rows_one, rows_two):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=2e-3)
+        assert ra["model_mse"] == pytest.approx(rb["model_mse"], rel=1e-5)
+        # --winner_preserving_sync: λ from residuals summed over both processes == 1-process λ
+        assert ra["loser_scale"] == pytest.approx(rb["loser_scale"], rel=1e-4)
+
+
+def test_sdxl_through_accelerate_launch(env, tmp_path):
+    """A real `accelerate launch` SDXL run gives the same UNet as the in-process run."""
+    inproc = _run(env, "sdxl", tmp_path / "in", "--train_method", "dmpo", "--dmpo_alpha", "0.01")
+    args = train_args(env["models"]["sdxl"], env["data"], tmp_path / "cli", sdxl=True)
+    _launch(1, args + ["--train_method", "dmpo", "--dmpo_alpha", "0.01"])
+    launched = torch.load(tmp_path / "cli" / "unet.pth", weights_only=True)
+    assert max_abs_diff(inproc["unet"].state_dict(), launched) < 1e-6
+    assert max_abs_diff(launched, env["start"]["sdxl"]) > 0
+
+
+def test_resume_is_exact_and_checkpoints_are_complete(env, tmp_path):
+    """5 steps straight == 4 steps, stop, resume to 5 (with accumulation 2 the data wraps into a
+    second epoch, so the resume skips batches mid-epoch). Checkpoints are pruned, complete, and
+    the saved unet.pth loads strictly into a fresh UNet."""
+    from diffusers import UNet2DConditionModel
+
+    common = ("--gradient_accumulation_steps", "2", "--checkpointing_steps", "2")
+    straight = tmp_path / "straight"
+    _run(env, "sd15", straight, *common, "--max_train_steps", "5", "--checkpoints_total_limit", "2")
+    split = tmp_path / "split"
+    _run(env, "sd15", split, *common, "--max_train_steps", "4")
+    (split / "checkpoint-9.tmp").mkdir()  # a save killed midway: must be ignored
+    _run(
+        env, "sd15", split, *common, "--max_train_steps", "5", "--resume_from_checkpoint", "latest"
+    )
+
+    a = torch.load(straight / "unet.pth", weights_only=True)
+    b = torch.load(split / "unet.pth", weights_only=True)
+    assert max_abs_diff(a, b) == 0.0
+    assert [r["loss"] for r in _log(straight)] == [r["loss"] for r in _log(split)]
+    assert [r["epoch"] for r in _log(straight)] == [0, 0, 0, 1, 1]
+
+    # Pruning: limit 2 keeps the newest two; every kept checkpoint is complete.
+    assert sorted(p.name for p in straight.iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-4",
+        "checkpoint-5",
+    ]
+    for ckpt in ("checkpoint-4", "checkpoint-5"):
+        files = {p.name for p in (straight / ckpt).iterdir()}
+        assert {"unet.pth", "trainer_state.json", "optimizer.bin", "scheduler.bin"} <= files
+    assert (
+        json.loads((straight / "checkpoint-4" / "trainer_state.json").read_text())["global_step"]
+        == 4
+    )
+
+    # unet.pth: a plain state_dict that loads strictly; unet/ is a diffusers folder.
+    config = UNet2DConditionModel.load_config(env["models"]["sd15"], subfolder="unet")
+    fresh = UNet2DConditionModel.from_config(config)
+    fresh.load_state_dict(a, strict=True)
+    folder = UNet2DConditionModel.from_pretrained(straight / "unet")
+    assert (straight / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert max_abs_diff(folder.state_dict(), a) == 0.0
+    assert max_abs_diff(a, env["start"]["sd15"]) > 0
