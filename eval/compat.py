@@ -113,10 +113,39 @@ def import_imagereward_blip():
     """
     apply()
     import importlib
+    import importlib.util
+    import sys
+    import types
 
-    # (the package's __init__ rebinds ``ImageReward.ImageReward`` to the class: ask importlib)
-    ir_module = importlib.import_module("ImageReward.ImageReward")
-    from ImageReward.models.BLIP import med
+    if "ImageReward.ImageReward" not in sys.modules:
+        # The package's __init__ also imports its ReFL trainer (diffusers, datasets, accelerate)
+        # and the OpenAI `clip` package: ~4 s spent on code scoring never runs. Import only the
+        # scoring modules under temporary stand-ins for the two package __init__s, then drop the
+        # stand-ins so that a later `import ImageReward` runs the real __init__ (which reuses the
+        # already imported submodules).
+        spec = importlib.util.find_spec("ImageReward")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(
+                "the image-reward package is not installed (see requirements-metrics.txt)"
+            )
+        root = spec.submodule_search_locations[0]
+        stand_ins = {}
+        for name, folder in (("ImageReward", root), ("ImageReward.models", f"{root}/models")):
+            if name not in sys.modules:
+                stub = types.ModuleType(name)
+                stub.__path__ = [folder]
+                stand_ins[name] = sys.modules[name] = stub
+        try:
+            importlib.import_module("ImageReward.ImageReward")
+            importlib.import_module("ImageReward.models.BLIP.med")
+            importlib.import_module("ImageReward.models.BLIP.vit")
+        finally:
+            for name, stub in stand_ins.items():
+                if sys.modules.get(name) is stub:
+                    del sys.modules[name]
+    # (the real __init__ rebinds the attribute ``ImageReward.ImageReward`` to the class)
+    ir_module = sys.modules["ImageReward.ImageReward"]
+    med = sys.modules["ImageReward.models.BLIP.med"]
 
     # BLIP's BertModel calls self.init_weights() in __init__ without post_init (see docstring).
     med.BertPreTrainedModel.init_weights = _init_weights
