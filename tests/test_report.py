@@ -145,3 +145,55 @@ def test_report_sample_spans_best_to_worst(ab, tmp_path):
     assert paths[0] == tmp_path / "r.html" and paths[1].is_file()
     with Image.open(paths[1]) as grid:
         assert grid.height == 28 + 3 * (64 + 6) + 6
+
+
+def test_test_vs_script_end_to_end_on_cached_scores(ab, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    a, b = ab
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "vs"
+    env = {**os.environ, "PYTHON": sys.executable}
+    # the scorer weights point nowhere: the run must not need them (every score is cached)
+    env["SDPO_PICKSCORE_MODEL"] = str(tmp_path / "absent")
+    done = subprocess.run(
+        [
+            "bash",
+            str(root / "scripts/eval/test_vs.sh"),
+            "--json_a",
+            str(a),
+            "--json_b",
+            str(b),
+            "--label_a",
+            "A1",
+            "--label_b",
+            "B1",
+            "--device",
+            "cpu",
+            "--batch_size",
+            "2",
+            "--outdir",
+            str(out),
+            "--metrics",
+            "pickscore,clip",
+            "--num_samples",
+            "3",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "macro win rate A1" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["metrics"]) == ["pickscore", "clip"] and summary["n_pairs"] == 12
+    assert (out / "report.html").is_file() and (out / "grid.png").is_file()
+    bad = subprocess.run(
+        ["bash", str(root / "scripts/eval/test_vs.sh"), "--json_a", str(a)],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "--json_b are required" in bad.stderr
