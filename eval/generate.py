@@ -573,7 +573,8 @@ def main(cfg: GenerateConfig) -> Path:
         return manifest
     from accelerate import PartialState
 
-    return run(cfg, PartialState())
+    # cpu=True lets several CPU processes (torchrun / accelerate launch --cpu) form a gloo group.
+    return run(cfg, PartialState(cpu=cfg.device == "cpu"))
 
 
 if __name__ == "__main__":

@@ -519,3 +519,22 @@ def test_eval_script_generates_beside_the_unet(models, tmp_path):
         assert rows[0]["metadata"]["unet_path"] == str((ckpt / "unet.pth").resolve())
         assert rows[0]["metadata"]["sdxl"] is True
         assert str(out / f"{stem}.json") in r.stdout
+
+
+def test_two_real_processes_share_the_work(base_runs, models, tmp_path):
+    """torchrun with 2 CPU processes (gloo through accelerate's PartialState): every image once,
+    one manifest, the same images as the single-process run."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "eval.generate", *_args(models["sd15"], tmp_path, "--limit", 4)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                       cwd=Path(G.__file__).resolve().parent.parent)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "4 to generate over 2 process(es)" in r.stdout
+    assert r.stdout.count("manifest:") == 1  # only the main process writes it
+    rows = json.loads((tmp_path / f"{STEM}.json").read_text())
+    assert [r["gen_image_path"] for r in rows] == [
+        f"{STEM}/{i}_{SIZE}x{SIZE}.png" for i in range(4)
+    ]
+    for a, b in zip(_images(base_runs["sd15"].parent / STEM, 4), _images(tmp_path / STEM, 4)):
+        assert np.abs(a - b).max() <= 1
