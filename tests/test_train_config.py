@@ -179,3 +179,58 @@ def test_non_epsilon_scheduler_is_rejected(models, data_dir, tmp_path):
     )
     with pytest.raises(ValueError, match="epsilon"):
         check_family(parse_args(train_args(model, data_dir, tmp_path / "o")))
+
+
+# The six reference recipes of defaults.md: (method, β, μ, lr, α, sdxl).
+RECIPES = {
+    "sd15_diffusion_dpo": ("diffusion-dpo", 5000, 0.9, 1e-8, 0.0, False),
+    "sd15_dspo": ("dspo", 0.001, 0.2, 1e-8, 0.0, False),
+    "sd15_dmpo": ("dmpo", 2000, 0.9, 1e-8, 0.01, False),
+    "sdxl_diffusion_dpo": ("diffusion-dpo", 5000, 0.6, 1e-9, 0.0, True),
+    "sdxl_dspo": ("dspo", 5000, 0.6, 1e-9, 0.0, True),
+    "sdxl_dmpo": ("dmpo", 6000, 0.6, 1e-9, 0.01, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_launch_recipes(name, models, data_dir, tmp_path):
+    """Each script's command (DRY_RUN=1) parses with train.py's parser into the reference recipe;
+    env overrides and pass-through arguments are honoured; the GPU count goes to accelerate."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from tests.train_fixtures import REPO
+
+    method, beta, mu, lr, alpha, sdxl = RECIPES[name]
+    env = {
+        **os.environ,
+        "DRY_RUN": "1",
+        "NUM_GPUS": "4",
+        "PYTHON": sys.executable,
+        "MODEL_NAME": str(models["sdxl" if sdxl else "sd15"]),
+        "DATASET_NAME": str(data_dir),
+        "OUTPUT_DIR": str(tmp_path / "out"),
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "train" / f"{name}.sh"), "--max_train_steps", "7"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    argv = shlex.split(proc.stdout)
+    split = argv.index(str(REPO / "train.py"))
+    launcher, train_argv = argv[:split], argv[split + 1 :]
+    assert "--num_processes" in launcher and launcher[launcher.index("--num_processes") + 1] == "4"
+    cfg = parse_args(train_argv)
+    assert (cfg.train_method, cfg.beta_dpo, cfg.winner_preserving_mu) == (method, beta, mu)
+    assert (cfg.learning_rate, cfg.dmpo_alpha, cfg.sdxl) == (lr, alpha, sdxl)
+    assert cfg.use_winner_preserving and cfg.scale_lr and cfg.allow_tf32
+    assert (cfg.train_batch_size, cfg.gradient_accumulation_steps) == (8, 32)
+    assert (cfg.lr_warmup_steps, cfg.checkpointing_steps, cfg.mixed_precision) == (500, 500, "bf16")
+    assert cfg.max_train_steps == 7  # "$@" comes last and wins
+    assert cfg.train_data_dir == str(data_dir) and cfg.output_dir == str(tmp_path / "out")
+    vae = "madebyollin/sdxl-vae-fp16-fix" if sdxl else None
+    assert cfg.pretrained_vae_model_name_or_path == vae

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# DMPO on SD1.5 with the SDPO safeguard (beta 2000, alpha 0.01, mu 0.9, lr 1e-8).
+# Usage: bash scripts/train/sd15_dmpo.sh [extra train.py flags]
+# Env overrides: MODEL_NAME, DATASET_NAME, OUTPUT_DIR, VAE, NUM_GPUS, ACCELERATE_CONFIG (see _launch.sh).
+set -euo pipefail
+export MODEL_NAME="${MODEL_NAME:-stable-diffusion-v1-5/stable-diffusion-v1-5}"
+export VAE="${VAE-}"
+export OUTPUT_DIR="${OUTPUT_DIR:-outputs/sd15_dmpo}"
+exec bash "$(dirname "${BASH_SOURCE[0]}")/_launch.sh" --train_method dmpo --beta_dpo 2000 --dmpo_alpha 0.01 --winner_preserving_mu 0.9 --learning_rate 1e-8 "$@"
