@@ -1,0 +1,190 @@
+"""The precompute cache: contents equal the uncached data path (same rows, flips, caption dropout,
+corrupt-row skips), mismatched / incomplete caches are refused, an interrupted precompute
+resumes, and (through the training step) cached and uncached runs give the same losses."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sdpo import cache
+from sdpo.data import write_synthetic_pickapic
+from tests.perf_fixtures import tiny_sd15
+
+STATE = SimpleNamespace(
+    process_index=0,
+    num_processes=1,
+    is_main_process=True,
+    device="cpu",
+    wait_for_everyone=lambda: None,
+)
+
+
+def cache_args(model, data, out, *extra):
+    return [
+        "--pretrained_model_name_or_path", str(model),
+        "--train_data_dir", str(data),
+        "--output_dir", str(out),
+        "--resolution", "32",
+        "--mixed_precision", "no",
+        "--batch_size", "2",
+        "--shard_size", "3",
+        "--dataloader_num_workers", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    model = tiny_sd15(root / "sd15")
+    data = root / "data"
+    # 6 pairs, 1 tie (dropped), 1 corrupt row (kept as a pair, marked invalid, skipped).
+    write_synthetic_pickapic(data, n_pairs=6, ties=1, corrupt_rows=1, size=40)
+    out = root / "cache"
+    manifest = cache.precompute(cache.parse_args(cache_args(model, data, out)), STATE)
+    return SimpleNamespace(model=model, data=data, out=out, manifest=manifest, root=root)
+
+
+def test_manifest_and_shards(setup):
+    m = json.loads((setup.out / cache.MANIFEST).read_text())
+    assert m["complete"] and m == {**setup.manifest, "complete": True}
+    assert m["pairs"] == 7 and m["ties_dropped"] == 1 and m["num_shards"] == 3
+    assert m["moments_shape"] == [8, 16, 16] and m["resolution"] == 32
+    assert m["model"] == str(setup.model.resolve()) and m["mixed_precision"] == "no"
+    from safetensors.torch import load_file
+
+    valid = torch.cat([load_file(setup.out / cache.shard_name(k))["valid"] for k in range(3)])
+    # Row 6: label 0, so jpg_1 (fine) is the winner and the truncated jpg_0 the loser.
+    assert valid.tolist() == [[1, 1]] * 6 + [[1, 0]]
+    assert not list(setup.out.glob("*.tmp"))
+
+
+def load_parts(model):
+    from sdpo.family import load_model_parts
+
+    cfg = SimpleNamespace(
+        pretrained_model_name_or_path=str(model),
+        revision=None,
+        cache_dir=None,
+        sdxl=False,
+        unet_init="",
+        pretrained_vae_model_name_or_path=None,
+        resolution=32,
+    )
+    parts = load_model_parts(cfg)
+    parts.freeze_and_place("cpu", torch.float32)
+    return parts
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_cached_items_match_the_image_pipeline(setup, paired):
+    """Same row choice (corrupt skip), flips and caption dropout as sdpo.data.PreferencePairs;
+    the cached posterior equals the VAE's posterior of the transformed pixels."""
+    import datasets
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from sdpo.data import PreferencePairs, prepare_pairs
+
+    parts = load_parts(setup.model)
+    hf = datasets.load_dataset("parquet", data_files=str(setup.data / "*.parquet"), split="train")
+    ds, _ = prepare_pairs(hf)
+    kw = dict(seed=5, paired=paired, proportion_empty_prompts=0.5)
+    images = PreferencePairs(ds, resolution=32, **kw)
+    cached = cache.CachedPairs(setup.out, **kw)
+    assert len(images) == len(cached) == 7
+    drops = flips = 0
+    for epoch in (0, 1):
+        images.start_epoch(epoch)
+        cached.start_epoch(epoch)
+        for i in range(7):
+            a, b = images[i], cached[i]
+            assert (a["index"], a["epoch"], a["corrupt"]) == (b["index"], b["epoch"], b["corrupt"])
+            with torch.no_grad():
+                want = parts.vae.encode(a["pixel_values"]).latent_dist
+                cond = parts.encode_prompts([a["caption"]], "cpu")["encoder_hidden_states"][0]
+            got = DiagonalGaussianDistribution(b["latent_moments"])
+            torch.testing.assert_close(got.mean, want.mean, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got.logvar, want.logvar, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(b["hidden"], cond, rtol=1e-5, atol=1e-5)
+            drops += a["caption"] == ""
+            plain_winner = cached._get("moments", b["index"])[0, 0]
+            flips += int(not torch.equal(b["latent_moments"][0], plain_winner))
+    assert 0 < drops < 14 and flips > 0  # both branches of dropout and flips were exercised
+    # Pairs skip row 6 (loser does not decode) to row 0; SFT needs only its decodable winner.
+    assert (cached[6]["index"], cached[6]["corrupt"]) == ((0, 1) if paired else (6, 0))
+
+
+def test_mismatched_or_incomplete_cache_is_refused(setup, tmp_path):
+    def train_cfg(**over):
+        base = dict(
+            pretrained_model_name_or_path=str(setup.model),
+            revision=None,
+            pretrained_vae_model_name_or_path=None,
+            sdxl=False,
+            resolution=32,
+            mixed_precision="no",
+            dataset_name=None,
+            dataset_config_name=None,
+            train_data_dir=str(setup.data),
+            split="train",
+            max_train_samples=None,
+            seed=0,
+            random_crop=False,
+        )
+        return SimpleNamespace(**{**base, **over})
+
+    assert cache.check_cache(setup.out, train_cfg())["complete"]
+    for over, word in [
+        (dict(resolution=64), "resolution"),
+        (dict(mixed_precision="bf16"), "mixed_precision"),
+        (dict(pretrained_vae_model_name_or_path="other/vae"), "vae"),
+        (dict(train_data_dir=str(tmp_path)), "data"),
+        (dict(max_train_samples=3, seed=1), "data"),
+    ]:
+        with pytest.raises(ValueError, match=word):
+            cache.check_cache(setup.out, train_cfg(**over))
+    with pytest.raises(ValueError, match="random_crop"):
+        cache.check_cache(setup.out, train_cfg(random_crop=True))
+    with pytest.raises(ValueError, match="not a cache"):
+        cache.check_cache(tmp_path, train_cfg())
+    with pytest.raises(SystemExit):
+        cache.parse_args(cache_args(setup.model, setup.data, tmp_path, "--random_crop"))
+
+
+def test_interrupted_precompute_resumes(setup, monkeypatch):
+    from safetensors.torch import load_file
+
+    out = setup.root / "interrupted"
+    cfg = cache.parse_args(cache_args(setup.model, setup.data, out))
+    real, calls = cache.encode_images, []
+
+    def dies_on_third_batch(vae, images):
+        calls.append(len(images))
+        if len(calls) == 3:  # first batch of shard 1
+            raise KeyboardInterrupt
+        return real(vae, images)
+
+    monkeypatch.setattr(cache, "encode_images", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        cache.precompute(cfg, STATE)
+    assert not json.loads((out / cache.MANIFEST).read_text())["complete"]
+    assert sorted(p.name for p in out.glob("shard-*")) == [cache.shard_name(0)]
+    first_shard = (out / cache.shard_name(0)).stat().st_mtime_ns
+
+    calls.clear()
+    monkeypatch.setattr(cache, "encode_images", lambda vae, x: calls.append(len(x)) or real(vae, x))
+    cache.precompute(cfg, STATE)
+    assert calls == [2, 1, 1]  # shard 1 (rows 3-5), shard 2 (row 6) only
+    assert (out / cache.shard_name(0)).stat().st_mtime_ns == first_shard
+    assert json.loads((out / cache.MANIFEST).read_text())["complete"]
+    for k in range(3):
+        a = load_file(out / cache.shard_name(k))
+        b = load_file(setup.out / cache.shard_name(k))
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    # A different setting in the same folder is refused up front.
+    with pytest.raises(ValueError, match="other settings"):
+        cache.precompute(
+            cache.parse_args(cache_args(setup.model, setup.data, out, "--resolution", "64")), STATE
+        )
