@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -121,43 +122,57 @@ def test_gradient_accumulation_matches_one_big_batch(env, tmp_path):
         assert ra["model_mse"] == pytest.approx(rb["model_mse"], rel=1e-5)
 
 
-def _launch(n_proc: int, args: list[str]) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        str(n_proc),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--cpu",
-        "train.py",
-        *args,
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+def _subprocess(cmd: list[str], extra_env: dict | None = None) -> None:
+    # Same thread count as this process, so float reductions match an in-process run.
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": threads, **(extra_env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def test_two_process_launch_matches_one_process(env, tmp_path):
-    """`accelerate launch --num_processes 2` (gloo) with 2 pairs each == 1 process with 4 pairs."""
+def _accelerate_launch(args: list[str]) -> None:
+    """`accelerate launch` exactly as the recipes use it (one CPU process)."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    _subprocess([*launcher, "--cpu", "train.py", *args])
+
+
+def _torchrun(n_proc: int, args: list[str]) -> None:
+    """n CPU processes with the gloo backend. (`accelerate launch --cpu` starts ONE process and
+    leaves multi-CPU to mpirun, so torchrun starts them; accelerate picks the world up from its
+    environment exactly as under `accelerate launch --multi_gpu`.)"""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n_proc)]
+    launcher += ["--master_addr", "127.0.0.1", "--master_port", str(port)]
+    _subprocess(
+        [*launcher, "train.py", *args], {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    )
+
+
+def test_two_processes_match_one_process(env, tmp_path):
+    """2 gloo processes x 2 pairs == `accelerate launch` 1 process x 4 pairs (same global batch;
+    per-pair noise keyed by row; λ synced over processes with --winner_preserving_sync)."""
     common = ["--max_train_steps", "2", "--no_hflip", "--proportion_empty_prompts", "0"]
     common += [*LINEAR_ADAM, "--use_winner_preserving", "--winner_preserving_sync"]
-    one = _run(env, "sd15", tmp_path / "one", *common, "--train_batch_size", "4")
-    args = train_args(env["models"]["sd15"], env["data"], tmp_path / "two", *common)
-    _launch(2, args + ["--train_batch_size", "2"])
+    _accelerate_launch(
+        train_args(env["models"]["sd15"], env["data"], tmp_path / "one", *common)
+        + ["--train_batch_size", "4"]
+    )
+    _torchrun(
+        2,
+        train_args(env["models"]["sd15"], env["data"], tmp_path / "two", *common)
+        + ["--train_batch_size", "2"],
+    )
+    one = torch.load(tmp_path / "one" / "unet.pth", weights_only=True)
     two = torch.load(tmp_path / "two" / "unet.pth", weights_only=True)
-    assert relative_gap(one["unet"].state_dict(), two, env["start"]["sd15"]) < 1e-3
+    assert relative_gap(one, two, env["start"]["sd15"]) < 1e-3
     rows_one, rows_two = _log(tmp_path / "one"), _log(tmp_path / "two")
     assert [r["lr"] for r in rows_one] == [r["lr"] for r in rows_two]  # schedule per opt. step
     for ra, rb in zip(rows_one, rows_two):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=2e-3)
         assert ra["model_mse"] == pytest.approx(rb["model_mse"], rel=1e-5)
-        # --winner_preserving_sync: λ from residuals summed over both processes == 1-process λ
         assert ra["loser_scale"] == pytest.approx(rb["loser_scale"], rel=1e-4)
 
 
@@ -165,7 +180,7 @@ def test_sdxl_through_accelerate_launch(env, tmp_path):
     """A real `accelerate launch` SDXL run gives the same UNet as the in-process run."""
     inproc = _run(env, "sdxl", tmp_path / "in", "--train_method", "dmpo", "--dmpo_alpha", "0.01")
     args = train_args(env["models"]["sdxl"], env["data"], tmp_path / "cli", sdxl=True)
-    _launch(1, args + ["--train_method", "dmpo", "--dmpo_alpha", "0.01"])
+    _accelerate_launch(args + ["--train_method", "dmpo", "--dmpo_alpha", "0.01"])
     launched = torch.load(tmp_path / "cli" / "unet.pth", weights_only=True)
     assert max_abs_diff(inproc["unet"].state_dict(), launched) < 1e-6
     assert max_abs_diff(launched, env["start"]["sdxl"]) > 0
