@@ -128,7 +128,12 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
         help="guidance as cond + cfg*(cond - uncond), i.e. diffusers guidance_scale = cfg + 1",
     )
     p.add_argument("--batch_size", type=int, default=1, help="prompts per pipeline call")
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="only the first N prompts (the manifest then lists those; same file name)",
+    )
     p.add_argument(
         "--dtype", choices=list(DTYPES), default="bf16", help="UNet/text encoder dtype (VAE: fp32)"
     )
@@ -299,13 +304,17 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 def _save_png_atomic(image, path: Path, prompt: str) -> None:
     """PNG via a temporary file in the same folder + os.replace: never a truncated image."""
-    from PIL import ExifTags, Image
+    from PIL import ExifTags, Image, PngImagePlugin
 
+    # The prompt travels with the image: EXIF ImageDescription as the reference writes it (ASCII
+    # only), and a UTF-8 PNG text chunk "prompt" that keeps any character.
     exif = Image.Exif()
-    exif[ExifTags.Base.ImageDescription] = prompt  # the prompt travels with the image
+    exif[ExifTags.Base.ImageDescription] = prompt
+    text = PngImagePlugin.PngInfo()
+    text.add_itxt("prompt", prompt)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        image.save(tmp, format="PNG", exif=exif)
+        image.save(tmp, format="PNG", exif=exif, pnginfo=text)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

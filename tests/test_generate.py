@@ -133,6 +133,7 @@ def test_manifest_and_image_names(base_runs, models, kind):
         assert row["gen_image_path"] == f"{STEM}/{i}_{SIZE}x{SIZE}.png"  # relative to manifest
         with Image.open(manifest.parent / row["gen_image_path"]) as im:
             assert im.size == (SIZE, SIZE) and im.mode == "RGB"
+            assert im.text["prompt"] == row["prompt"]  # provenance inside the PNG
         md = row["metadata"]
         assert md["index"] == i and md["seed"] == 0 and md["steps"] == STEPS
         assert md["cfg"] == 7.5 and md["guidance_scale"] == 8.5
