@@ -98,7 +98,6 @@ def _scheduler():
         clip_sample=False,
         prediction_type="epsilon",
         steps_offset=1,
-        set_alpha_to_one=False,
     )
 
 
