@@ -26,28 +26,6 @@ def _build(kind: str, path: Path, seed: int = 0) -> Path:
     import sdpo.tiny as tiny
 
     build = tiny.build_tiny_sdxl if kind == "sdxl" else tiny.build_tiny_sd15
-    try:
-        tiny._scheduler()
-    except TypeError:
-        # sdpo/tiny.py passes DDIM's `set_alpha_to_one` to DDPMScheduler, which diffusers 0.42
-        # rejects; build with the same schedule minus that argument until tiny.py is fixed.
-        from diffusers import DDPMScheduler
-
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(
-                tiny,
-                "_scheduler",
-                lambda: DDPMScheduler(
-                    num_train_timesteps=1000,
-                    beta_start=0.00085,
-                    beta_end=0.012,
-                    beta_schedule="scaled_linear",
-                    clip_sample=False,
-                    prediction_type="epsilon",
-                    steps_offset=1,
-                ),
-            )
-            return build(path, seed=seed)
     return build(path, seed=seed)
 
 
