@@ -293,9 +293,12 @@ def build_model_parts(
     )
 
 
-def unet_flops_per_image(unet, resolution: int, *, backward: bool = False) -> int:
+def unet_flops_per_image(
+    unet, resolution: int, *, backward: bool = False, vae_scale_factor: int = 8
+) -> int:
     """FLOPs of one UNet forward (``backward=True``: forward + backward w.r.t. every parameter
-    that requires grad) on ONE image at ``resolution`` pixels (latent side ``resolution // 8``).
+    that requires grad) on ONE image at ``resolution`` pixels (latent side
+    ``resolution // vae_scale_factor``).
 
     Counted with :class:`torch.utils.flop_counter.FlopCounterMode` on a ``meta``-device copy of
     the architecture (shapes only, no arithmetic, runs on any machine in about a second):
@@ -305,7 +308,7 @@ def unet_flops_per_image(unet, resolution: int, *, backward: bool = False) -> in
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = dict(unet.config)
-    latent = resolution // 8
+    latent = resolution // vae_scale_factor
     device = "meta"
     x = torch.randn(1, cfg["in_channels"], latent, latent, device=device)
     t = torch.tensor([500], device=device)
