@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -260,11 +261,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "fp16 needs a CUDA GPU (accelerate would silently train in fp32 on CPU); "
             "pass --mixed_precision no (or bf16) on CPU",
         )
+    if cfg.report_to in ("wandb",) and importlib.util.find_spec("wandb") is None:
+        bad("report_to", "wandb is not installed: pip install wandb, or use tensorboard / none")
     if cfg.use_adafactor and cfg.use_8bit_adam and not cfg.sdxl:
         bad("use_8bit_adam", "cannot be combined with --use_adafactor")
     if cfg.use_8bit_adam:
-        import importlib.util
-
         if importlib.util.find_spec("bitsandbytes") is None:
             bad("use_8bit_adam", "needs bitsandbytes: pip install bitsandbytes")
 

@@ -105,6 +105,7 @@ def test_sdxl_derived_defaults():
         (["--resume_from_checkpoint", "/nonexistent/checkpoint-5"], "--resume_from_checkpoint"),
         (["--unet_init", "/nonexistent/unet.pth"], "--unet_init"),
         (["--use_8bit_adam"], "--use_8bit_adam"),  # bitsandbytes is not installed here
+        (["--report_to", "wandb"], "--report_to"),  # nor is wandb
     ],
 )
 def test_bad_values_name_the_flag(capsys, models, data_dir, tmp_path, extra, flag):

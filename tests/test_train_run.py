@@ -70,6 +70,7 @@ def _run(env, family, out, *extra):
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_every_method_trains(env, tmp_path, family, method, safeguard):
     extra = ["--train_method", method, "--beta_dpo", BETA[method], "--dmpo_alpha", "0.01"]
+    extra += ["--train_batch_size", "1"]  # 1 pair = 2 images per step: CPU time
     if safeguard:
         extra += ["--use_winner_preserving", "--winner_preserving_mu", "0.5"]
     result = _run(env, family, tmp_path, *extra)
@@ -101,13 +102,14 @@ def test_gradient_accumulation_matches_one_big_batch(env, tmp_path):
     """1 micro-step x 4 pairs == 4 micro-steps x 1 pair: same pairs, same noise and timesteps
     (keyed by row, not by position), mean over pairs either way."""
     common = ("--max_train_steps", "2", "--no_hflip", "--proportion_empty_prompts", "0")
-    big = _run(env, "sd15", tmp_path / "big", *common, *LINEAR_ADAM, "--train_batch_size", "4")
+    # --scale_lr: 0.25 x (accumulation x pairs per micro-step) = 1.0 in both layouts
+    common += (*LINEAR_ADAM, "--scale_lr", "--learning_rate", "0.25")
+    big = _run(env, "sd15", tmp_path / "big", *common, "--train_batch_size", "4")
     small = _run(
         env,
         "sd15",
         tmp_path / "acc",
         *common,
-        *LINEAR_ADAM,
         "--train_batch_size",
         "1",
         "--gradient_accumulation_steps",
@@ -116,6 +118,7 @@ def test_gradient_accumulation_matches_one_big_batch(env, tmp_path):
     start = env["start"]["sd15"]
     a, b = big["unet"].state_dict(), small["unet"].state_dict()
     assert relative_gap(a, b, start) < 1e-3
+    assert [r["lr"] for r in _log(tmp_path / "big") + _log(tmp_path / "acc")] == [1.0] * 4
     for ra, rb in zip(_log(tmp_path / "big"), _log(tmp_path / "acc")):
         # β = 5000 multiplies float rounding of the error gaps: the loss agrees to ~1e-4 only
         assert ra["loss"] == pytest.approx(rb["loss"], abs=2e-3)
@@ -187,16 +190,18 @@ def test_sdxl_through_accelerate_launch(env, tmp_path):
 
 
 def test_resume_is_exact_and_checkpoints_are_complete(env, tmp_path):
-    """5 steps straight == 4 steps, stop, resume to 5 (with accumulation 2 the data wraps into a
-    second epoch, so the resume skips batches mid-epoch). Checkpoints are pruned, complete, and
-    the saved unet.pth loads strictly into a fresh UNet."""
+    """5 steps straight == 3 steps, stop, resume to 5. With 4 pairs, 1 pair per micro-step and
+    accumulation 2, an epoch is 2 steps: the resume restarts mid-epoch (skipping batches) and the
+    run crosses two epoch boundaries. Checkpoints are pruned, complete, and the saved unet.pth
+    loads strictly into a fresh UNet."""
     from diffusers import UNet2DConditionModel
 
     common = ("--gradient_accumulation_steps", "2", "--checkpointing_steps", "2")
+    common += ("--train_batch_size", "1", "--max_train_samples", "4")
     straight = tmp_path / "straight"
     _run(env, "sd15", straight, *common, "--max_train_steps", "5", "--checkpoints_total_limit", "2")
     split = tmp_path / "split"
-    _run(env, "sd15", split, *common, "--max_train_steps", "4")
+    _run(env, "sd15", split, *common, "--max_train_steps", "3")
     (split / "checkpoint-9.tmp").mkdir()  # a save killed midway: must be ignored
     _run(
         env, "sd15", split, *common, "--max_train_steps", "5", "--resume_from_checkpoint", "latest"
@@ -206,8 +211,9 @@ def test_resume_is_exact_and_checkpoints_are_complete(env, tmp_path):
     b = torch.load(split / "unet.pth", weights_only=True)
     assert max_abs_diff(a, b) == 0.0
     assert [r["loss"] for r in _log(straight)] == [r["loss"] for r in _log(split)]
-    assert [r["epoch"] for r in _log(straight)] == [0, 0, 0, 1, 1]
+    assert [r["epoch"] for r in _log(straight)] == [0, 0, 1, 1, 2]
 
+    assert not [p for p in (*straight.iterdir(), *split.iterdir()) if p.name.endswith(".tmp")][1:]
     # Pruning: limit 2 keeps the newest two; every kept checkpoint is complete.
     assert sorted(p.name for p in straight.iterdir() if p.name.startswith("checkpoint")) == [
         "checkpoint-4",
@@ -229,3 +235,52 @@ def test_resume_is_exact_and_checkpoints_are_complete(env, tmp_path):
     assert (straight / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert max_abs_diff(folder.state_dict(), a) == 0.0
     assert max_abs_diff(a, env["start"]["sd15"]) > 0
+
+
+def test_unet_init_from_state_dict_and_folder(env, tmp_path):
+    """--unet_init: a unet.pth state_dict (strict) or a diffusers UNet folder replaces the start."""
+    from diffusers import UNet2DConditionModel
+
+    from sdpo.family import load_unet
+
+    model = env["models"]["sd15"]
+    start = env["start"]["sd15"]
+    shifted = {k: v + 0.5 for k, v in start.items()}
+    torch.save(shifted, tmp_path / "unet.pth")
+    folder = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    folder.load_state_dict(shifted)
+    folder.save_pretrained(tmp_path / "init_dir")
+    for init in (tmp_path / "unet.pth", tmp_path / "init_dir"):
+        cfg = train.parse_args(
+            train_args(model, env["data"], tmp_path / "o", "--unet_init", str(init))
+        )
+        assert max_abs_diff(load_unet(cfg).state_dict(), shifted) == 0.0
+    torch.save({k: v for k, v in list(shifted.items())[1:]}, tmp_path / "partial.pth")
+    cfg = train.parse_args(
+        train_args(model, env["data"], tmp_path / "o", "--unet_init", str(tmp_path / "partial.pth"))
+    )
+    with pytest.raises(ValueError, match="--unet_init"):
+        load_unet(cfg)
+
+
+def test_sdxl_conditioning(env):
+    """SDXL kwargs: penultimate states of both encoders concatenated, pooled projection of
+    encoder 2, time_ids [H, W, 0, 0, H, W]; SD1.5: the last hidden state only."""
+    from sdpo.family import load_model_parts
+
+    data, models = env["data"], env["models"]
+    xl = load_model_parts(train.parse_args(train_args(models["sdxl"], data, "o", sdxl=True)))
+    cond = xl.encode_prompts(["a cat", ""], "cpu")
+    assert cond["encoder_hidden_states"].shape == (2, 77, 64)
+    assert cond["added_cond_kwargs"]["text_embeds"].shape == (2, 32)
+    assert cond["added_cond_kwargs"]["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 2
+    ids = xl.tokenizers[0](["a cat"], padding="max_length", max_length=77, return_tensors="pt")
+    penultimate = xl.text_encoders[0](ids.input_ids, output_hidden_states=True).hidden_states[-2]
+    assert torch.allclose(cond["encoder_hidden_states"][:1, :, :32], penultimate)
+    sd = load_model_parts(train.parse_args(train_args(models["sd15"], data, "o")))
+    cond = sd.encode_prompts(["a cat"], "cpu")
+    assert set(cond) == {"encoder_hidden_states"} and cond["encoder_hidden_states"].shape == (
+        1,
+        77,
+        32,
+    )
