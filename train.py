@@ -81,6 +81,11 @@ def main(cfg: TrainConfig) -> dict:
 
     # 2. Data (column check, tie filtering), then models.
     loader, dataset, sampler, data_info = build_dataloader(cfg, paired=spec.paired, seed=seed)
+    if data_info["pairs"] < cfg.train_batch_size * accelerator.num_processes:
+        raise ValueError(
+            f"{data_info['pairs']} usable pairs are fewer than one global batch "
+            f"(--train_batch_size {cfg.train_batch_size} x {accelerator.num_processes} processes)"
+        )
     if cfg.use_winner_preserving and not spec.paired:
         logger.warning("--use_winner_preserving has no effect on unpaired %s", cfg.train_method)
     parts = load_model_parts(cfg)
@@ -139,9 +144,10 @@ def main(cfg: TrainConfig) -> dict:
         disable=not accelerator.is_main_process,
     )
 
-    # 4. The loop: one batch = one micro-step; accelerate syncs every N micro-steps.
+    # 4. The loop: one batch = one micro-step; accelerate syncs every N micro-steps. As in the
+    # reference, --max_train_steps decides the length (epochs follow from it).
     epoch = state["epoch"]
-    while global_step < cfg.max_train_steps and epoch < cfg.num_train_epochs:
+    while global_step < cfg.max_train_steps:
         dataset.start_epoch(epoch)
         sampler.start_epoch(epoch)
         skip = state["batches_in_epoch"] if epoch == state["epoch"] else 0

@@ -80,7 +80,9 @@ class TrainConfig:
     train_batch_size: int = _f(1, "Pairs per process per micro-step.")
     gradient_accumulation_steps: int = _f(1, "Micro-steps per optimizer step.")
     max_train_steps: int = _f(2000, "Optimizer steps to train for.")
-    num_train_epochs: int = _f(100, "Upper bound on passes over the data.")
+    num_train_epochs: int = _f(
+        100, "Kept for compatibility: as in the reference, --max_train_steps sets the length."
+    )
     learning_rate: float = _f(1e-8, "Base learning rate (per pair, see --scale_lr).")
     scale_lr: bool = _f(
         False, "Multiply the lr by accumulation steps x batch size x number of processes."
