@@ -224,4 +224,13 @@ def main(cfg: TrainConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    config = parse_args()
+    try:  # the model-family check reads only configs: report it like a bad flag
+        from sdpo.family import check_family
+
+        check_family(config)
+    except ValueError as err:
+        from sdpo.config import build_parser
+
+        build_parser().error(str(err))
+    main(config)
