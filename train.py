@@ -20,8 +20,6 @@ from sdpo.config import TrainConfig, parse_args, resolve, validate
 
 logger = logging.getLogger("train")
 
-__all__ = ["TrainConfig", "main", "parse_args"]
-
 
 def _tracker_config(cfg: TrainConfig) -> dict:
     """Tensorboard's hparams accept only scalars and strings."""
@@ -36,11 +34,28 @@ def _append_log(path: Path, row: dict) -> None:
 
 
 def main(cfg: TrainConfig) -> dict:
-    """Train; returns ``{"output_dir", "global_step", "data": {...counts}, "unet", "ref_unet"}``
-    (the last two: the trained and the frozen reference UNet modules, unwrapped)."""
+    """Train; returns ``{"output_dir", "global_step", "seed", "data": {...counts}, "unet_pth",
+    "unet", "ref_unet"}`` (the last two: the trained and the frozen reference UNet modules)."""
+    try:
+        return _train(cfg)
+    finally:
+        _release_accelerate()
+
+
+def _release_accelerate() -> None:
+    """Forget accelerate's process-wide state after a single-process run (even a failed one), so
+    a later in-process run (tests, the toy demo) can build an Accelerator with other settings."""
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, GradientState
+
+    if not (dist.is_available() and dist.is_initialized()):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def _train(cfg: TrainConfig) -> dict:
     import torch
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -127,22 +142,9 @@ def main(cfg: TrainConfig) -> dict:
     global_step = state["global_step"]
     meter = StepStats()
     meter.corrupt_total = state["corrupt_skipped"]
-    logger.info(
-        "%s: %d pairs, %d processes x %d pairs x %d accumulation, %d steps from step %d",
-        cfg.train_method,
-        data_info["pairs"],
-        n_proc,
-        cfg.train_batch_size,
-        cfg.gradient_accumulation_steps,
-        cfg.max_train_steps,
-        global_step,
-    )
-    bar = tqdm(
-        total=cfg.max_train_steps,
-        initial=global_step,
-        desc="steps",
-        disable=not accelerator.is_main_process,
-    )
+    logger.info("%s on %d pairs; %d processes", cfg.train_method, data_info["pairs"], n_proc)
+    main_proc = accelerator.is_main_process
+    bar = tqdm(total=cfg.max_train_steps, initial=global_step, disable=not main_proc, desc="steps")
 
     # 4. The loop: one batch = one micro-step; accelerate syncs every N micro-steps. As in the
     # reference, --max_train_steps decides the length (epochs follow from it).
@@ -217,9 +219,6 @@ def main(cfg: TrainConfig) -> dict:
         summary = {k: v for k, v in result.items() if k not in ("unet", "ref_unet")}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
     accelerator.end_training()
-    if n_proc == 1:  # let a later in-process run (tests, toy demo) build a fresh Accelerator
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
     return result
 
 
