@@ -65,8 +65,9 @@ def load_pickapic(cfg, seed: int = 0):
             raise ValueError(
                 f"--train_data_dir: no {'/'.join(DATA_FILE_SUFFIXES)} files in {str(root)!r}"
             )
-        split_files = [p for p in files if cfg.split in p.name or cfg.split in p.parent.name]
-        # A folder holding only unnamed shards is treated as the requested split.
+        # Hub layout: `<split>-00000-of-00645.parquet` or a `<split>/` folder; a folder of
+        # shards named otherwise is taken as the requested split.
+        split_files = [p for p in files if _is_split_file(p, cfg.split)]
         chosen = split_files or files
         builder = "parquet" if chosen[0].suffix == ".parquet" else "arrow"
         ds = datasets.load_dataset(
@@ -80,6 +81,10 @@ def load_pickapic(cfg, seed: int = 0):
             cfg.dataset_name, cfg.dataset_config_name, split=cfg.split, cache_dir=cfg.cache_dir
         )
     return prepare_pairs(ds, seed=seed, max_train_samples=cfg.max_train_samples)
+
+
+def _is_split_file(path: Path, split: str) -> bool:
+    return path.parent.name == split or path.stem == split or path.name.startswith(f"{split}-")
 
 
 def check_columns(column_names, where: str = "dataset") -> None:

@@ -148,3 +148,15 @@ def test_shuffle_order_reproducible_per_epoch():
     b.start_epoch(1)
     assert list(a) != list(b)
     assert list(EpochShuffleSampler(50, seed=4)) != list(a)
+
+
+def test_local_folder_split_selection(tmp_path):
+    """`<split>-*.parquet` shards are picked by --split (validation != validation_unique)."""
+    write_synthetic_pickapic(tmp_path / "d", n_pairs=5, filename="train-00000-of-00001.parquet")
+    write_synthetic_pickapic(tmp_path / "d", n_pairs=3, filename="validation-00000.parquet")
+    write_synthetic_pickapic(tmp_path / "d", n_pairs=2, filename="validation_unique-00000.parquet")
+    sizes = {}
+    for split in ("train", "validation", "validation_unique"):
+        _, info = load_pickapic(_cfg(tmp_path / "d", tmp_path, "--split", split))
+        sizes[split] = info["pairs"]
+    assert sizes == {"train": 5, "validation": 3, "validation_unique": 2}
