@@ -235,3 +235,42 @@ def test_launch_recipes(name, models, data_dir, tmp_path):
     assert cfg.train_data_dir == str(data_dir) and cfg.output_dir == str(tmp_path / "out")
     vae = "madebyollin/sdxl-vae-fp16-fix" if sdxl else None
     assert cfg.pretrained_vae_model_name_or_path == vae
+
+
+def test_accelerate_configs_parse():
+    """The shipped accelerate configs load with accelerate's own parser; ZeRO-2 leaves the
+    accumulation steps to train.py and the recipes hand a config file through unchanged."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from tests.train_fixtures import REPO
+
+    kinds = {}
+    for name in ("single_gpu", "multi_gpu", "multi_node", "deepspeed_zero2"):
+        cfg = ClusterConfig.from_yaml_file(str(REPO / "configs" / "accelerate" / f"{name}.yaml"))
+        kinds[name] = (str(cfg.distributed_type).split(".")[-1], cfg.num_machines)
+        if name == "deepspeed_zero2":
+            assert cfg.deepspeed_config["zero_stage"] == 2
+            assert "gradient_accumulation_steps" not in cfg.deepspeed_config
+    assert kinds == {
+        "single_gpu": ("NO", 1),
+        "multi_gpu": ("MULTI_GPU", 1),
+        "multi_node": ("MULTI_GPU", 2),
+        "deepspeed_zero2": ("DEEPSPEED", 1),
+    }
+    ds = str(REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml")
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "ACCELERATE_CONFIG": ds}
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts" / "train" / "sdxl_dspo.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    argv = shlex.split(out)
+    launcher = argv[: argv.index(str(REPO / "train.py"))]
+    assert launcher[-2:] == ["--config_file", ds]

@@ -5,7 +5,8 @@
 #
 # Environment: MODEL_NAME, DATASET_NAME (hub id, or a local folder of parquet/arrow files),
 #   OUTPUT_DIR, VAE (separate VAE; empty for none), NUM_GPUS (default: auto-detected),
-#   ACCELERATE_CONFIG (an accelerate config file, e.g. configs/accelerate/deepspeed_zero2.yaml),
+#   ACCELERATE_CONFIG (an accelerate config file, e.g. configs/accelerate/deepspeed_zero2.yaml;
+#   it then sets the process count instead of NUM_GPUS),
 #   PYTHON (default: python), DRY_RUN=1 (print the command instead of running it).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -25,16 +26,17 @@ if [[ -z "${NUM_GPUS:-}" ]]; then
 fi
 
 launch=()
-[[ -n "${ACCELERATE_CONFIG:-}" ]] && launch+=(--config_file "$ACCELERATE_CONFIG")
-if (( NUM_GPUS > 1 )); then
-  launch+=(--multi_gpu --num_processes "$NUM_GPUS")
+if [[ -n "${ACCELERATE_CONFIG:-}" ]]; then
+  # The config file decides processes, machines and backend (see configs/accelerate/).
+  launch+=(--config_file "$ACCELERATE_CONFIG")
+elif (( NUM_GPUS > 1 )); then
+  launch+=(--multi_gpu --num_processes "$NUM_GPUS" --num_machines 1 --dynamo_backend no)
 elif (( NUM_GPUS == 1 )); then
-  launch+=(--num_processes 1)
+  launch+=(--num_processes 1 --num_machines 1 --dynamo_backend no)
 else
   echo "no GPU found: running on the CPU (very slow at real model sizes)" >&2
-  launch+=(--cpu --num_processes 1)
+  launch+=(--cpu --num_processes 1 --num_machines 1 --dynamo_backend no)
 fi
-launch+=(--num_machines 1 --dynamo_backend no)
 
 if [[ -d "$DATASET_NAME" ]]; then data=(--train_data_dir "$DATASET_NAME"); else data=(--dataset_name "$DATASET_NAME"); fi
 vae=()
