@@ -9,32 +9,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _ddpm_compat() -> None:
-    """sdpo/tiny.py (not ours) passes ``set_alpha_to_one`` to DDPMScheduler, which diffusers 0.42
-    rejects; until it is fixed there, build the same training schedule without that argument."""
-    import sdpo.tiny as tiny
-
-    try:
-        tiny._scheduler()
-    except TypeError:
-        from diffusers import DDPMScheduler
-
-        tiny._scheduler = lambda: DDPMScheduler(
-            num_train_timesteps=1000,
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            prediction_type="epsilon",
-            steps_offset=1,
-        )
-
-
 def build_models(root: Path) -> dict[str, Path]:
     """Tiny SD1.5- and SDXL-style pipeline folders under ``root``."""
     from sdpo.tiny import build_tiny_sd15, build_tiny_sdxl
-
-    _ddpm_compat()
 
     return {"sd15": build_tiny_sd15(root / "sd15"), "sdxl": build_tiny_sdxl(root / "sdxl")}
 
