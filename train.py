@@ -61,9 +61,9 @@ def _train(cfg: TrainConfig) -> dict:
     from tqdm.auto import tqdm
 
     from sdpo import checkpoint as ckpt
-    from sdpo.data import build_dataloader
     from sdpo.family import check_family, load_model_parts
     from sdpo.losses import LOSSES
+    from sdpo.perf import build_loader, setup_models
     from sdpo.step import StepStats, build_optimizer, training_step
 
     # 1. Everything that can be wrong is checked before weights or images load.
@@ -95,7 +95,7 @@ def _train(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
 
     # 2. Data (column check, tie filtering), then models.
-    loader, dataset, sampler, data_info = build_dataloader(cfg, paired=spec.paired, seed=seed)
+    loader, dataset, sampler, data_info = build_loader(cfg, paired=spec.paired, seed=seed)
     if data_info["pairs"] < cfg.train_batch_size * accelerator.num_processes:
         raise ValueError(
             f"{data_info['pairs']} usable pairs are fewer than one global batch "
@@ -107,19 +107,14 @@ def _train(cfg: TrainConfig) -> dict:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
-    parts.freeze_and_place(accelerator.device, weight_dtype)
-    ref_unet = None
-    if spec.needs_reference:  # frozen copy of the starting UNet, never given to the optimizer
-        ref_unet = parts.make_reference().to(accelerator.device, dtype=weight_dtype)
-    unet = parts.unet.train()
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    # Frozen encoders placed, frozen reference (a copy, or LoRA's base), trainable parameters.
+    unet, ref_unet, params = setup_models(cfg, parts, spec, accelerator.device, weight_dtype)
 
     n_proc = accelerator.num_processes
     lr = cfg.learning_rate
     if cfg.scale_lr:
         lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * n_proc
-    optimizer = build_optimizer(cfg, [p for p in unet.parameters() if p.requires_grad], lr)
+    optimizer = build_optimizer(cfg, params, lr)
     # accelerate steps a prepared scheduler once per process per optimizer step.
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler,
@@ -212,7 +207,7 @@ def _train(cfg: TrainConfig) -> dict:
         "seed": seed,
         "data": {**data_info, "corrupt_skipped": meter.corrupt_total},
         "unet_pth": str(paths["unet_pth"]),
-        "unet": accelerator.unwrap_model(unet),
+        "unet": accelerator.unwrap_model(unet, keep_torch_compile=False),
         "ref_unet": ref_unet,
     }
     if accelerator.is_main_process:

@@ -5,8 +5,9 @@ Layout of ``output_dir``::
     checkpoint-N/            accelerate state (model, optimizer, scheduler, RNG of every process)
         unet.pth             plain UNet state_dict (torch.save), what the evaluation loads
         trainer_state.json   global_step, epoch, batches_in_epoch, seed, counters
-    unet.pth                 final UNet state_dict
+    unet.pth                 final UNet state_dict (LoRA runs: merged weights)
     unet/                    final UNet as a diffusers folder (safetensors)
+    pytorch_lora_weights.safetensors   LoRA runs only (also in each checkpoint)
     train_log.jsonl          one JSON object per optimizer step
 
 A checkpoint is written into ``checkpoint-N.tmp`` and renamed only when complete, so a kill during
@@ -99,9 +100,10 @@ def save_checkpoint(accelerator, unet, output_dir, step: int, state: dict, total
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    unet_state = accelerator.get_state_dict(unet)  # gathers under DeepSpeed; collective
+    unet_state = _eval_state(accelerator, unet)  # collective (gathers under DeepSpeed)
     if accelerator.is_main_process:
         _save_state_dict_atomic(unet_state, tmp / "unet.pth")
+        _save_lora(accelerator, unet, tmp)
         _write_json_atomic(tmp / STATE_FILE, {**state, "global_step": step})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -111,6 +113,20 @@ def save_checkpoint(accelerator, unet, output_dir, step: int, state: dict, total
         logger.info("saved %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _eval_state(accelerator, unet) -> dict:
+    """The plain UNet state_dict evaluation loads (LoRA: merged), on every process."""
+    from sdpo.perf import unet_state_for_eval
+
+    return unet_state_for_eval(accelerator, unet)
+
+
+def _save_lora(accelerator, unet, folder: Path) -> None:
+    """LoRA runs also keep the adapters alone (diffusers' pytorch_lora_weights.safetensors)."""
+    from sdpo.lora import save_lora_if_any
+
+    save_lora_if_any(accelerator.unwrap_model(unet, keep_torch_compile=False), folder)
 
 
 def load_checkpoint(accelerator, checkpoint) -> dict:
@@ -135,15 +151,18 @@ def truncate_log(output_dir, step: int) -> None:
 def save_final(accelerator, unet, output_dir) -> dict:
     """Write ``output_dir/unet.pth`` and ``output_dir/unet/`` (collective); returns their paths."""
     root = Path(output_dir)
-    unet_state = accelerator.get_state_dict(unet)
+    unet_state = _eval_state(accelerator, unet)
     paths = {"unet_pth": root / "unet.pth", "unet_dir": root / "unet"}
     if accelerator.is_main_process:
         _save_state_dict_atomic(unet_state, paths["unet_pth"])
+        _save_lora(accelerator, unet, root)
         tmp_dir = root / "unet.tmp"
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        accelerator.unwrap_model(unet).save_pretrained(
-            tmp_dir, state_dict=unet_state, safe_serialization=True
-        )
+        model = accelerator.unwrap_model(unet, keep_torch_compile=False)
+        # A plain UNet of the same config (LoRA: the merged weights), as diffusers loads it.
+        plain = type(model).from_config(model.config)
+        plain.load_state_dict(unet_state, strict=True)
+        plain.save_pretrained(tmp_dir, safe_serialization=True)
         shutil.rmtree(paths["unet_dir"], ignore_errors=True)
         os.rename(tmp_dir, paths["unet_dir"])
     accelerator.wait_for_everyone()

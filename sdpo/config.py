@@ -136,6 +136,19 @@ class TrainConfig:
     winner_preserving_sync: bool = _f(
         False, "Compute λ from residuals summed over all processes (extension, off = reference)."
     )
+    # --- optional speed-ups (sdpo.perf; all off = the reference's computation) ---
+    precomputed_dir: str | None = _f(
+        None,
+        "Train from a cache of VAE posteriors and text embeddings made by python -m sdpo.cache.",
+    )
+    lora_rank: int = _f(0, "Train LoRA adapters of this rank instead of the full UNet (0: off).")
+    lora_alpha: float | None = _f(None, "LoRA alpha (scale alpha / rank); default: the rank.")
+    lora_target_modules: str = _f(
+        "to_q,to_k,to_v,to_out.0", "Comma-separated UNet module names that get LoRA adapters."
+    )
+    channels_last: bool = _f(False, "NHWC memory format for the UNet(s).")
+    torch_compile: bool = _f(False, "torch.compile the policy (and reference) UNet.")
+    use_fused_adam: bool = _f(False, "The fused CUDA AdamW kernel (needs a GPU).")
 
     @property
     def optimizer_name(self) -> str:
@@ -277,6 +290,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("dmpo_alpha", f"must be in [0, 1), got {cfg.dmpo_alpha}")
     if not 0.0 <= cfg.winner_preserving_mu <= 1.0:
         bad("winner_preserving_mu", f"μ must be in [0, 1], got {cfg.winner_preserving_mu}")
+
+    if cfg.precomputed_dir is not None:
+        if not os.path.isdir(cfg.precomputed_dir):
+            bad("precomputed_dir", f"folder {cfg.precomputed_dir!r} does not exist")
+        if cfg.random_crop:
+            bad("precomputed_dir", "cannot be combined with --random_crop (crops are not cached)")
+    if cfg.lora_rank < 0:
+        bad("lora_rank", f"must be >= 0, got {cfg.lora_rank}")
+    if cfg.lora_alpha is not None and not cfg.lora_alpha > 0:
+        bad("lora_alpha", f"must be > 0, got {cfg.lora_alpha}")
+    if not [m for m in cfg.lora_target_modules.split(",") if m.strip()]:
+        bad("lora_target_modules", "give at least one module name")
+    if cfg.use_fused_adam and (cfg.optimizer_name != "adamw" or not _cuda_available()):
+        bad("use_fused_adam", "needs plain AdamW (not Adafactor / 8-bit) on a CUDA GPU")
 
     resume = cfg.resume_from_checkpoint
     if resume and resume != "latest" and not os.path.isdir(resume):

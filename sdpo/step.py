@@ -1,8 +1,10 @@
 """One micro-step of preference training (``shared/reference/formulas.md``).
 
 Batch layout: ``pixel_values`` is ``[n·B, 3, R, R]``, the B winners then the B losers (n = 2), or
-the B preferred images (n = 1, unpaired objectives such as SFT). Each pair shares ONE noise
-tensor ε and ONE timestep t, drawn for the winner and repeated for the loser.
+the B preferred images (n = 1, unpaired objectives such as SFT), with ``captions``; or, from a
+cache (:mod:`sdpo.cache`), ``latent_moments`` ``[n·B, 2C, h, w]`` (the VAE posterior) and ``cond``
+(the UNet conditioning of the B captions). Each pair shares ONE noise tensor ε and ONE timestep t,
+drawn for the winner and repeated for the loser.
 
 The VAE posterior sample, ε and t of a pair come from a generator keyed by
 ``(seed, epoch, row index)`` (:func:`sdpo.data.keyed_generator`), so they do not depend on how
@@ -52,13 +54,19 @@ def training_step(
     """
     from diffusers.utils.torch_utils import randn_tensor
 
-    pixels = batch["pixel_values"].to(device)
-    n_images = pixels.shape[0] // len(batch["captions"])  # 2 for pairs, 1 for unpaired
     gens = pair_generators(batch, seed, device)
-
     with torch.no_grad():
-        vae = parts.vae
-        posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
+        if "latent_moments" in batch:  # cached (sdpo.cache): posterior moments + conditioning
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            posterior = DiagonalGaussianDistribution(batch["latent_moments"].to(device))
+            cond = _to_device(batch["cond"], device)
+        else:
+            vae = parts.vae
+            pixels = batch["pixel_values"].to(device)
+            posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
+            cond = parts.encode_prompts(batch["captions"], device)
+        n_images = posterior.mean.shape[0] // len(gens)  # 2 for pairs, 1 for unpaired
         # One generator list entry per image: a pair's generator draws its winner's then its
         # loser's posterior sample, then ε, then t.
         latents = posterior.sample(generator=gens * n_images).float() * parts.vae_scaling_factor
@@ -77,7 +85,6 @@ def training_step(
         )
         noise, timesteps = noise.repeat(n_images, 1, 1, 1), timesteps.repeat(n_images)
         noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
-        cond = parts.encode_prompts(batch["captions"], device)
         cond = _repeat_cond(cond, n_images)
 
     model_pred = unet(noisy, timesteps, **cond).sample
@@ -112,6 +119,12 @@ def training_step(
     return loss, stats
 
 
+def _to_device(cond: dict, device) -> dict:
+    return {
+        k: _to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in cond.items()
+    }
+
+
 def _repeat_cond(cond: dict, n: int) -> dict:
     """Repeat every conditioning tensor n times along the batch (winners' copy, then losers')."""
     return {
@@ -123,7 +136,7 @@ def _repeat_cond(cond: dict, n: int) -> dict:
 
 
 def build_optimizer(cfg, params, lr: float):
-    """AdamW (fused on CUDA), Adafactor with the reference settings, or bitsandbytes' AdamW8bit."""
+    """AdamW (fused with --use_fused_adam), Adafactor with the reference settings, or bitsandbytes' AdamW8bit."""
     name = cfg.optimizer_name
     if name == "adafactor":
         from transformers.optimization import Adafactor
@@ -150,9 +163,9 @@ def build_optimizer(cfg, params, lr: float):
                 "--use_8bit_adam needs bitsandbytes: pip install bitsandbytes"
             ) from err
         return bnb.optim.AdamW8bit(params, **adam)
-    params = list(params)
-    fused = bool(params) and params[0].is_cuda
-    return torch.optim.AdamW(params, fused=fused, **adam)
+    # --use_fused_adam: the fused CUDA kernel (validated to be on a GPU); default: torch's
+    # standard (foreach) implementation, as the reference.
+    return torch.optim.AdamW(params, fused=bool(getattr(cfg, "use_fused_adam", False)), **adam)
 
 
 class StepStats:
