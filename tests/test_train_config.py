@@ -106,6 +106,10 @@ def test_sdxl_derived_defaults():
         (["--unet_init", "/nonexistent/unet.pth"], "--unet_init"),
         (["--use_8bit_adam"], "--use_8bit_adam"),  # bitsandbytes is not installed here
         (["--report_to", "wandb"], "--report_to"),  # nor is wandb
+        (["--lora_rank", "-1"], "--lora_rank"),
+        (["--lora_alpha", "0"], "--lora_alpha"),
+        (["--precomputed_dir", "/nonexistent/cache"], "--precomputed_dir"),
+        (["--use_fused_adam", "--use_adafactor"], "--use_fused_adam"),
     ],
 )
 def test_bad_values_name_the_flag(capsys, models, data_dir, tmp_path, extra, flag):
