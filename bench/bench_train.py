@@ -130,8 +130,6 @@ def parse_args(argv=None) -> BenchConfig:
     cfg.resolution = cfg.resolution or (1024 if cfg.family == "sdxl" else 512)
     if cfg.family not in ("sd15", "sdxl"):
         p.error(f"--family must be sd15 or sdxl, got {cfg.family!r}")
-    if cfg.tiny and cfg.family == "sdxl":
-        p.error("--tiny measures the SD1.5-style tiny model only")
     for name in ("pairs", "iters", "grad_accum", "gen_prompts", "gen_batch", "gen_steps"):
         if getattr(cfg, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -148,6 +146,7 @@ class ModelFactory:
 
     def __init__(self, cfg: BenchConfig, device, workdir: Path):
         self.cfg, self.device, self.workdir = cfg, device, workdir
+        self._flops: dict[bool, tuple[int, int]] = {}
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             cfg.mixed_precision, torch.float32
         )
@@ -159,7 +158,8 @@ class ModelFactory:
                 tiny._scheduler()
             except TypeError:
                 tiny._scheduler = build_scheduler
-            self.tiny_path = tiny.build_tiny_sd15(workdir / "tiny", seed=cfg.seed)
+            build = tiny.build_tiny_sdxl if cfg.family == "sdxl" else tiny.build_tiny_sd15
+            self.tiny_path = build(workdir / "tiny", seed=cfg.seed)
 
     def parts(self, *, encoders: bool):
         """ModelParts with the UNet in fp32 on the device (trainable); VAE and text encoders
@@ -173,7 +173,7 @@ class ModelFactory:
                     pretrained_model_name_or_path=str(self.tiny_path),
                     revision=None,
                     cache_dir=None,
-                    sdxl=False,
+                    sdxl=cfg.family == "sdxl",
                     unet_init="",
                     pretrained_vae_model_name_or_path=None,
                     resolution=cfg.resolution,
@@ -195,6 +195,19 @@ class ModelFactory:
         if encoders:
             parts.freeze_and_place(self.device, self.weight_dtype)
         return parts
+
+    def flops(self, unet, *, lora: bool) -> tuple[int, int]:
+        """(forward, forward + backward) UNet FLOPs per image, counted once per kind of UNet."""
+        from sdpo.arch import unet_flops_per_image
+
+        if lora not in self._flops:
+            res = self.cfg.resolution
+            scale = res // self.latent_size()
+            self._flops[lora] = (
+                unet_flops_per_image(unet, res, vae_scale_factor=scale),
+                unet_flops_per_image(unet, res, backward=True, vae_scale_factor=scale),
+            )
+        return self._flops[lora]
 
     def latent_size(self) -> int:
         """Latent side: the real VAEs downsample 8×, the tiny one (2 blocks) 2×."""
@@ -317,7 +330,6 @@ def measure_row(row: str, cfg: BenchConfig, factory: ModelFactory, device) -> di
     import functools
 
     from bench.reference_recipe import reference_step
-    from sdpo.arch import unet_flops_per_image
     from sdpo.losses import LOSSES
     from sdpo.step import training_step
 
@@ -342,9 +354,7 @@ def measure_row(row: str, cfg: BenchConfig, factory: ModelFactory, device) -> di
         unet.to(memory_format=torch.channels_last)
         if not lora:
             ref.to(memory_format=torch.channels_last)
-    scale = cfg.resolution // factory.latent_size()
-    flops_fwd = unet_flops_per_image(unet, cfg.resolution, vae_scale_factor=scale)
-    flops_train = unet_flops_per_image(unet, cfg.resolution, backward=True, vae_scale_factor=scale)
+    flops_fwd, flops_train = factory.flops(unet, lora=lora)
     policy = Autocast(unet, device, wdtype)
     if row == "c+compile":
         policy = torch.compile(policy)
@@ -561,8 +571,6 @@ def render(res: dict) -> str:
 
 
 def main(cfg: BenchConfig) -> dict:
-    from sdpo.arch import unet_flops_per_image
-
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     if torch.device(device).type == "cuda":
@@ -579,12 +587,13 @@ def main(cfg: BenchConfig) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         factory = ModelFactory(cfg, device, Path(tmp))
         results = [measure_row(row, cfg, factory, device) for row in rows if row not in skipped]
-        probe = factory.parts(encoders=False)
         latent = factory.latent_size()
-        fwd = unet_flops_per_image(
-            probe.unet, cfg.resolution, vae_scale_factor=cfg.resolution // latent
-        )
-        del probe
+        if False in factory._flops:
+            fwd = factory._flops[False][0]
+        else:
+            probe = factory.parts(encoders=False)
+            fwd = factory.flops(probe.unet, lora=False)[0]
+            del probe
         res = {
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "card": card,

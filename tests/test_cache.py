@@ -188,3 +188,87 @@ def test_interrupted_precompute_resumes(setup, monkeypatch):
         cache.precompute(
             cache.parse_args(cache_args(setup.model, setup.data, out, "--resolution", "64")), STATE
         )
+
+
+@pytest.mark.parametrize("method", ["sft"])  # paired methods: through train.py below
+def test_cached_step_gives_the_same_loss_as_the_image_step(setup, method):
+    """sdpo.step.training_step on a cached batch = on the image batch (same keyed noise, t,
+    posterior draw, flips and caption dropout); SFT reads only the winner's moments."""
+    import contextlib
+
+    import datasets
+
+    from sdpo.data import PreferencePairs, collate_pairs, prepare_pairs
+    from sdpo.losses import LOSSES
+    from sdpo.step import training_step
+
+    parts = load_parts(setup.model)
+    spec = LOSSES[method]
+    ref = parts.make_reference() if spec.needs_reference else None
+    hf = datasets.load_dataset("parquet", data_files=str(setup.data / "*.parquet"), split="train")
+    kw = dict(seed=3, paired=spec.paired, proportion_empty_prompts=0.5)
+    images = PreferencePairs(prepare_pairs(hf)[0], resolution=32, **kw)
+    cached = cache.CachedPairs(setup.out, **kw)
+    cfg = SimpleNamespace(
+        use_winner_preserving=True,
+        winner_preserving_mu=0.5,
+        winner_preserving_per_pair=False,
+        winner_preserving_sync=False,
+        beta_dpo=5000.0,
+        dmpo_alpha=0.0,
+        sdxl=False,
+    )
+    with torch.no_grad():  # perturb the policy so that policy != reference
+        for p in parts.unet.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    for epoch, rows in ((0, [0, 3, 6]), (1, [5, 1, 2])):
+        images.start_epoch(epoch)
+        cached.start_epoch(epoch)
+        losses = []
+        for batch in (
+            collate_pairs([images[i] for i in rows]),
+            cache.collate_cached([cached[i] for i in rows], resolution=32),
+        ):
+            loss, stats = training_step(
+                parts=parts,
+                unet=parts.unet,
+                ref_unet=ref,
+                batch=batch,
+                spec=spec,
+                cfg=cfg,
+                seed=11,
+                device="cpu",
+                autocast=contextlib.nullcontext,
+            )
+            losses.append((loss.detach(), {k: v.detach() for k, v in stats.items()}))
+        (loss_img, stats_img), (loss_cache, stats_cache) = losses
+        # Equal up to float rounding: the VAE convolutions see other batch compositions (~1e-7
+        # in the errors), and β = 5000 multiplies error differences into the margin and loss.
+        assert stats_cache.keys() == stats_img.keys()
+        for key in stats_img:
+            tol = 1e-3 if key in ("loss", "margin") else 1e-5
+            torch.testing.assert_close(stats_cache[key], stats_img[key], rtol=tol, atol=1e-6)
+        torch.testing.assert_close(loss_cache, loss_img, rtol=1e-3, atol=1e-6)
+
+
+def test_train_py_from_the_cache_logs_the_same_losses(setup, tmp_path):
+    """Two train.py runs, images vs --precomputed_dir, same seed: the same logged losses."""
+    import train
+    from tests.train_fixtures import train_args
+
+    extra = ("--use_winner_preserving", "--winner_preserving_mu", "0.5", "--max_train_steps", "2")
+    logs = []
+    for name, more in (("images", ()), ("cached", ("--precomputed_dir", str(setup.out)))):
+        out = tmp_path / name
+        train.main(train.parse_args(train_args(setup.model, setup.data, out, *extra, *more)))
+        logs.append([json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()])
+    images, cached = logs
+    assert [r["step"] for r in cached] == [1, 2]
+    for a, b in zip(images, cached):
+        for key in ("loss", "model_mse", "ref_mse", "loser_scale", "implicit_acc"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), key
+        assert a["corrupt_skipped"] == b["corrupt_skipped"]
+    # A cache made for other settings is refused before training starts.
+    with pytest.raises(ValueError, match="resolution"):
+        args = train_args(setup.model, setup.data, tmp_path / "bad", "--resolution", "64")
+        train.main(train.parse_args([*args, "--precomputed_dir", str(setup.out)]))

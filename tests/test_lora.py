@@ -119,8 +119,10 @@ def make_batch(b=2, res=32, seed=0):
     }
 
 
-@pytest.mark.parametrize("method", ["diffusion-dpo", "dspo", "dmpo"])
-@pytest.mark.parametrize("safeguard", [False, True])
+@pytest.mark.parametrize(
+    "method, safeguard",
+    [("diffusion-dpo", False), ("diffusion-dpo", True), ("dspo", True), ("dmpo", True)],
+)
 def test_every_method_and_safeguard_train_through_the_step(parts, method, safeguard):
     from sdpo.step import training_step
 
@@ -195,3 +197,32 @@ def test_bad_lora_settings_are_refused(parts):
         add_lora(unet, 0)
     with pytest.raises(ValueError, match="lora_target_modules"):
         add_lora(copy.deepcopy(parts.unet), 4, target_modules="no_such_layer")
+
+
+def test_train_py_lora_run_saves_adapters_and_a_merged_unet(tiny_sd15, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    import train
+    from sdpo.data import write_synthetic_pickapic
+    from tests.train_fixtures import train_args
+
+    data = write_synthetic_pickapic(tmp_path / "data", n_pairs=4).parent
+    out = tmp_path / "run"
+    extra = ["--lora_rank", "4", "--lora_alpha", "4", "--use_winner_preserving"]
+    extra += [
+        "--winner_preserving_mu",
+        "0.5",
+        "--learning_rate",
+        "1e-2",
+        "--checkpointing_steps",
+        "1",
+    ]
+    result = train.main(train.parse_args(train_args(tiny_sd15, data, out, *extra)))
+    assert isinstance(result["ref_unet"], AdapterDisabledReference)  # no second UNet
+    for folder in (out, out / "checkpoint-2"):
+        assert (folder / LORA_WEIGHT_NAME).is_file()
+        plain = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+        start = {k: v.clone() for k, v in plain.state_dict().items()}
+        plain.load_state_dict(torch.load(folder / "unet.pth", weights_only=True), strict=True)
+        moved = [k for k, v in plain.state_dict().items() if not torch.equal(v, start[k])]
+        assert moved and all(".attn" in k and k.endswith(".weight") for k in moved)

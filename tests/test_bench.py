@@ -1,0 +1,59 @@
+"""The benchmark's tiny CPU mode runs every row and writes the table (so the script never rots)."""
+
+import json
+
+from bench import bench_train
+from bench.reference_recipe import autograd_lambda
+from sdpo.safeguard import winner_preserving_scale
+
+
+def test_tiny_bench_writes_a_table_with_all_rows(tmp_path):
+    results, out_json = tmp_path / "RESULTS.md", tmp_path / "bench.json"
+    results.write_text("# Benchmark results\n\n")
+    cfg = bench_train.parse_args(
+        [
+            "--tiny",
+            "--pairs", "1",
+            "--iters", "1",
+            "--warmup", "0",
+            "--lora_rank", "2",
+            "--gen_prompts", "2",
+            "--gen_batch", "2",
+            "--gen_steps", "1",
+            "--results", str(results),
+            "--json", str(out_json),
+        ]
+    )  # fmt: skip
+    res = bench_train.main(cfg)
+    rows = {r["row"]: r for r in res["rows"]}
+    assert set(rows) == set(bench_train.ROWS) - {"c+compile"}  # compile only with --compile
+    for r in rows.values():
+        assert r["ms_micro"] > 0 and r["pairs_per_s"] > 0 and 0 < r["mfu"] < 1
+        assert r["peak_gib"] is None  # no CUDA memory counters on a CPU
+    # LoRA trains only its adapters; every other row the whole UNet.
+    assert rows["d"]["trainable_params"] < rows["c"]["trainable_params"] / 10
+    assert rows["a"]["trainable_params"] == rows["b"]["trainable_params"]
+    # The policy fwd+bwd (~3 forwards) + reference fwd (1) per image: ~4 forwards of FLOPs.
+    per_image = rows["c"]["unet_tflop_per_micro"] * 1e12 / 2
+    assert 3.8 < per_image / (res["unet_gflop_fwd_per_image"] * 1e9) < 4.2
+    gen = res["generation"]
+    assert gen["images"] == 2 and gen["max_pixel_diff"] <= 2
+
+    text = results.read_text()
+    assert text.startswith("# Benchmark results") and "TINY CPU MODE" in text
+    for row in bench_train.ROWS:
+        assert f"| {row} | {bench_train.ROWS[row]} |" in text
+    assert "generation ≥ 6× batch-1 images/s" in text and "n/a (CPU/tiny)" in text
+    assert json.loads(out_json.read_text())["config"]["tiny"] is True
+
+
+def test_reference_autograd_lambda_equals_our_closed_form():
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        pred = torch.randn(4, 4, 8, 8, generator=gen)
+        target = torch.randn(4, 4, 8, 8, generator=gen)
+        pred[2:] = pred[:2] * 0.7 + 0.3 * pred[2:]  # aligned residuals: λ < 1
+        ours = winner_preserving_scale(pred, target, 0.5)
+        torch.testing.assert_close(autograd_lambda(pred, target, 0.5), ours.float())
