@@ -318,11 +318,11 @@ class ToyConfig:
         metadata={"help": "Preference objectives to run.", "nargs": "+"},
     )
     batch_pairs: int = field(default=8, metadata={"help": "Pairs per step."})
-    eval_every: int = field(default=10, metadata={"help": "Checkpoint / evaluate every N steps."})
+    eval_every: int = field(default=20, metadata={"help": "Checkpoint / evaluate every N steps."})
     sft_steps: int = field(default=250, metadata={"help": "Steps of the SFT phase (the start)."})
     sft_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the SFT phase."})
     train_pairs: int = field(default=512, metadata={"help": "Training pairs generated."})
-    heldout_pairs: int = field(default=64, metadata={"help": "Held-out pairs generated."})
+    heldout_pairs: int = field(default=128, metadata={"help": "Held-out pairs generated."})
     eval_draws: int = field(
         default=2, metadata={"help": "Fixed (noise, timestep) draws per held-out pair."}
     )
@@ -828,6 +828,9 @@ def final_table(runs: list[dict]) -> list[dict]:
                 continue
             last = {k: np.array([r["heldout"][k][-1] for r in group]) for k in HELDOUT_KEYS}
             lam = np.array([np.mean(r["train"]["loser_scale"]) for r in group])
+            # Training-batch margin u and accuracy as train.py logs them, last 10 steps.
+            train_u = np.array([np.mean(r["train"]["margin"][-10:]) for r in group])
+            train_acc = np.array([np.mean(r["train"]["implicit_acc"][-10:]) for r in group])
             rows.append(
                 {
                     "method": method,
@@ -842,6 +845,8 @@ def final_table(runs: list[dict]) -> list[dict]:
                     "seeds_loser_up": int((last["loser_diff"] > 0).sum()),
                     "seeds_margin_up": int((last["margin"] > 0).sum()),
                     "train_lambda_mean": float(lam.mean()),
+                    "train_u_last10": float(train_u.mean()),
+                    "train_acc_last10": float(train_acc.mean()),
                 }
             )
     return rows
@@ -941,8 +946,8 @@ def write_summary(
         "seeds; margin = Δloser − Δwinner, so u = β/2 · margin):",
         "",
         "| method | β | safeguard (μ) | Δ winner error | Δ loser error | margin | implicit acc "
-        "| λ (train mean) | seeds winner↑ / margin↑ |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| λ (train mean) | seeds winner↑ / margin↑ | train u / acc (last 10 steps) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         sg = f"on ({r['mu']:g})" if r["safeguard"] else "off"
@@ -952,7 +957,8 @@ def write_summary(
             f"| {_fmt(r['loser_diff_mean'], r['loser_diff_std'])} "
             f"| {_fmt(r['margin_mean'], r['margin_std'], digits=2)} "
             f"| {r['implicit_acc_mean']:.2f} | {r['train_lambda_mean']:.2f} "
-            f"| {r['seeds_winner_up']}/{r['seeds']} / {r['seeds_margin_up']}/{r['seeds']} |"
+            f"| {r['seeds_winner_up']}/{r['seeds']} / {r['seeds_margin_up']}/{r['seeds']} "
+            f"| {r['train_u_last10']:+.2f} / {r['train_acc_last10']:.2f} |"
         )
     lines += ["", "## Observed", ""]
     for method in dict.fromkeys(r["method"] for r in table):

@@ -115,14 +115,24 @@ def test_quick_run_goes_through_the_trainer_and_the_safeguard(quick_run):
 
 
 def test_safeguard_keeps_the_winner_error_below_plain_training(quick_run):
-    """The robust directional result (measured, see docs/toy.md): for Diffusion-DPO and DMPO
-    the safeguard's held-out winner error change is below the unguarded run's."""
+    """Only the directional results measured robust across seeds at this reduced scale.
+
+    Measured with this --quick config over seeds 0-5 (held-out winner error minus reference,
+    x1e-3, safeguard off -> on): diffusion-dpo +0.2/+2.5/+3.8/-0.7/+0.8/+0.4 -> -24.2/-18.2/
+    -20.0/-22.6/-18.8/-24.7; dmpo +2.4/+2.0/+5.9/-1.1/+2.1/+0.2 -> -21.9/-18.4/-19.7/-20.8/
+    -20.5/-20.8; dspo +11.8/+6.9/+7.6/+11.5/+8.7/+11.8 -> +5.8/+0.2/+2.2/+4.9/+2.9/+5.1.
+    So: with the safeguard the winner's error is below the unguarded run's for all three
+    losses (6/6 seeds), and falls for DPO and DMPO (6/6). NOT robust at this scale, so not
+    asserted: the unguarded winner error rising (5/6 seeds for DPO and DMPO) and the sign of
+    the margin. The full-scale results (3 seeds, 100 steps) are in docs/toy.md.
+    """
     _, _, curves = quick_run
     final = {(r["method"], r["safeguard"]): r for r in curves["final"]}
+    for method in toy.METHODS:
+        guarded, plain = final[(method, True)], final[(method, False)]
+        assert guarded["winner_diff_mean"] < plain["winner_diff_mean"], method
     for method in ("diffusion-dpo", "dmpo"):
-        assert (
-            final[(method, True)]["winner_diff_mean"] < final[(method, False)]["winner_diff_mean"]
-        )
+        assert final[(method, True)]["winner_diff_mean"] < 0, method
 
 
 def test_summary_numbers_match_the_curves(quick_run):
