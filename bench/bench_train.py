@@ -476,6 +476,11 @@ def measure_lambda(cfg: BenchConfig, device, latent: int, channels: int = 4) -> 
 # ---------------------------------------------------------------------------------------------
 
 
+def _pct(x: float) -> str:
+    """A share as a percentage; tiny CPU values keep two significant digits."""
+    return f"{100 * x:.1f}%" if x >= 1e-3 else f"{100 * x:.2g}%"
+
+
 def _fmt(v, spec=".1f"):
     return "n/a" if v is None else format(v, spec)
 
@@ -546,7 +551,7 @@ def render(res: dict) -> str:
         table.append(
             f"| {r['row']} | {r['what']} | {r['ms_micro']:.1f} | {r['ms_optimizer']:.1f} | "
             f"{r['pairs_per_s']:.2f} | {vs_a} | "
-            f"{_fmt(r['peak_gib'])} | {100 * r['mfu']:.2f}% |"
+            f"{_fmt(r['peak_gib'])} | {_pct(r['mfu'])} |"
         )
     for name in res.get("skipped", []):
         table.append(f"| {name} | {ROWS[name]} | not run ({res['skipped'][name]}) | | | | | |")
