@@ -7,8 +7,9 @@ winner-preserving safeguard keeps the winner's error from rising while the margi
 This module makes everything needed to see it in a few minutes on a CPU, with no download:
 
 1. a synthetic text-to-image preference task: coloured shapes on coloured backgrounds, captioned
-   "a red circle on a blue background"; in each pair the winner matches the caption and the loser
-   is the same picture with ONE attribute wrong (the shape's colour or the shape). Written in the
+   "a red circle on a blue background"; in each pair the winner is the clean picture and the
+   loser the same picture made worse (noisy or blurry by default; a wrong colour or shape
+   with ``--loser_kinds``). Written in the
    Pick-a-Pic parquet schema (``jpg_0``, ``jpg_1``, ``label_0``, ``caption``) so ``train.py``
    reads it with ``--train_data_dir``; held-out pairs are written separately;
 2. a tiny SD1.5-style model (:func:`sdpo.tiny.build_tiny_sd15`, with a deterministic VAE and a
