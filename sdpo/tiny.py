@@ -132,15 +132,22 @@ def tiny_unet_config(
     return cfg
 
 
-def build_tiny_sd15(path: str | Path, *, seed: int = 0, sample_size: int = 32) -> Path:
-    """Save a tiny random SD1.5-style pipeline folder at ``path`` and return it."""
+def build_tiny_sd15(
+    path: str | Path, *, seed: int = 0, sample_size: int = 32, block_out_channels=(32, 64)
+) -> Path:
+    """Save a tiny random SD1.5-style pipeline folder at ``path`` and return it.
+
+    ``block_out_channels`` sets the UNet's width (the toy demo uses a narrower (16, 32)).
+    """
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     path = Path(path)
     torch.manual_seed(seed)
     pipe = StableDiffusionPipeline(
-        unet=UNet2DConditionModel(**tiny_unet_config(sample_size=sample_size)),
+        unet=UNet2DConditionModel(
+            **tiny_unet_config(sample_size=sample_size, block_out_channels=block_out_channels)
+        ),
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_encoder_config(hidden=32)),
         tokenizer=_load_tokenizer(path / "_tok"),

@@ -216,19 +216,15 @@ def build_toy_model(
     ``images``: ``[N, 3, H, W]`` in [-1, 1], used only to measure the latent scale.
     """
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
-    from sdpo.tiny import build_tiny_sd15, tiny_unet_config
+    from sdpo.tiny import build_tiny_sd15
 
-    _ddpm_compat()
     latent_size = image_size // 2  # the tiny VAE downsamples by 2
     path = Path(path)
-    build_tiny_sd15(path, seed=seed, sample_size=latent_size)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        **tiny_unet_config(sample_size=latent_size, block_out_channels=tuple(unet_channels))
+    build_tiny_sd15(
+        path, seed=seed, sample_size=latent_size, block_out_channels=tuple(unet_channels)
     )
-    unet.save_pretrained(path / "unet")
 
     vae = AutoencoderKL.from_pretrained(path / "vae")
     with torch.no_grad():
@@ -240,30 +236,6 @@ def build_toy_model(
     vae.register_to_config(scaling_factor=1.0 / std)
     vae.save_pretrained(path / "vae")
     return path
-
-
-def _ddpm_compat() -> None:
-    """sdpo/tiny.py passes ``set_alpha_to_one`` to DDPMScheduler, which diffusers 0.42 rejects.
-
-    Until it is fixed there, build the same training schedule (scaled-linear betas over 1000
-    steps, epsilon targets) without that DDIM-only argument.
-    """
-    import sdpo.tiny as tiny
-
-    try:
-        tiny._scheduler()
-    except TypeError:
-        from diffusers import DDPMScheduler
-
-        tiny._scheduler = lambda: DDPMScheduler(
-            num_train_timesteps=1000,
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            prediction_type="epsilon",
-            steps_offset=1,
-        )
 
 
 # ---------------------------------------------------------------------------------------------
