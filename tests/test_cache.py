@@ -10,7 +10,7 @@ import torch
 
 from sdpo import cache
 from sdpo.data import write_synthetic_pickapic
-from tests.perf_fixtures import tiny_sd15
+from sdpo.tiny import build_tiny_sd15 as tiny_sd15
 
 STATE = SimpleNamespace(
     process_index=0,

@@ -19,7 +19,7 @@ from sdpo.lora import (
     save_lora,
 )
 from sdpo.losses import LOSSES
-from tests.perf_fixtures import tiny_sd15 as build_tiny_sd15
+from sdpo.tiny import build_tiny_sd15
 
 
 @pytest.fixture(scope="module")
