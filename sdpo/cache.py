@@ -269,39 +269,10 @@ def _collate_rows(items):
 
 
 def load_encoders(cfg):
-    """A :class:`sdpo.family.ModelParts` with the VAE, tokenizers and text encoders only (no UNet:
-    the cache never needs it)."""
-    from diffusers import AutoencoderKL
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    """A :class:`sdpo.family.ModelParts` without the UNet: the cache never needs it."""
+    from sdpo.family import load_model_parts
 
-    from sdpo.family import ModelParts
-
-    name = cfg.pretrained_model_name_or_path
-    kw = dict(revision=cfg.revision, cache_dir=cfg.cache_dir)
-    tokenizers = [AutoTokenizer.from_pretrained(name, subfolder="tokenizer", **kw)]
-    encoders = [CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **kw)]
-    if cfg.sdxl:
-        tokenizers.append(AutoTokenizer.from_pretrained(name, subfolder="tokenizer_2", **kw))
-        encoders.append(
-            CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", **kw)
-        )
-    vae_name = cfg.pretrained_vae_model_name_or_path
-    if vae_name:
-        sub = "vae" if os.path.isdir(os.path.join(vae_name, "vae")) else None
-        vae = AutoencoderKL.from_pretrained(vae_name, subfolder=sub, cache_dir=cfg.cache_dir)
-    else:
-        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", **kw)
-    return ModelParts(
-        unet=None,
-        vae=vae,
-        text_encoders=encoders,
-        tokenizers=tokenizers,
-        noise_scheduler=None,
-        resolution=cfg.resolution,
-        # As sdpo.family: SDXL's own VAE overflows in fp16, the fp16-fix VAE does not.
-        vae_dtype_override=torch.float32 if cfg.sdxl and not vae_name else None,
-        _sdxl=cfg.sdxl,
-    )
+    return load_model_parts(cfg, with_unet=False)
 
 
 @torch.no_grad()

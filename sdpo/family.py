@@ -178,8 +178,10 @@ def load_unet(cfg):
     return unet
 
 
-def load_model_parts(cfg) -> ModelParts:
-    """Load tokenizer(s), text encoder(s), VAE, UNet and DDPM scheduler for ``cfg``."""
+def load_model_parts(cfg, *, with_unet: bool = True) -> ModelParts:
+    """Load tokenizer(s), text encoder(s), VAE, UNet and DDPM scheduler for ``cfg``.
+
+    ``with_unet=False`` leaves ``unet`` as None (the latent/text cache never needs it)."""
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -201,7 +203,7 @@ def load_model_parts(cfg) -> ModelParts:
     else:
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", **kw)
     return ModelParts(
-        unet=load_unet(cfg),
+        unet=load_unet(cfg) if with_unet else None,
         vae=vae,
         text_encoders=text_encoders,
         tokenizers=tokenizers,
