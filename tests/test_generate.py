@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_PROMPTS
 from PIL import Image
 
 import eval.generate as G
@@ -518,7 +519,7 @@ def test_sd15_script_end_to_end_with_five_metrics(models, tmp_path):
         NUM_PROCESSES="1",
         DEVICE="cpu",
         PROMPTS_DIR=str(tmp_path / "prompts"),
-        PROMPTS_FROM="/work/shared/prompts",
+        PROMPTS_FROM=str(SHARED_PROMPTS),
     )
     script = Path(G.__file__).resolve().parent.parent / "scripts/eval/test_sd15.sh"
     r = subprocess.run(

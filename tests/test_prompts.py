@@ -10,10 +10,11 @@ from pathlib import Path
 from urllib.error import URLError
 
 import pytest
+from conftest import SHARED_PROMPTS
 
 import eval.prompts as P
 
-SHARED = Path("/work/shared/prompts")  # local copies of the paper's files (read-only source)
+SHARED = SHARED_PROMPTS  # local copies of the paper's files (read-only source)
 COUNTS = {"papv2": 487, "hpsv2": 3200, "partiprompts": 1632}
 
 
