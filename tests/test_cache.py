@@ -11,6 +11,7 @@ import torch
 from sdpo import cache
 from sdpo.data import write_synthetic_pickapic
 from sdpo.tiny import build_tiny_sd15 as tiny_sd15
+from tests.train_fixtures import load_tiny_parts
 
 STATE = SimpleNamespace(
     process_index=0,
@@ -62,20 +63,7 @@ def test_manifest_and_shards(setup):
 
 
 def load_parts(model):
-    from sdpo.family import load_model_parts
-
-    cfg = SimpleNamespace(
-        pretrained_model_name_or_path=str(model),
-        revision=None,
-        cache_dir=None,
-        sdxl=False,
-        unet_init="",
-        pretrained_vae_model_name_or_path=None,
-        resolution=32,
-    )
-    parts = load_model_parts(cfg)
-    parts.freeze_and_place("cpu", torch.float32)
-    return parts
+    return load_tiny_parts(model)
 
 
 @pytest.mark.parametrize("paired", [True, False])

@@ -20,6 +20,7 @@ from sdpo.lora import (
 )
 from sdpo.losses import LOSSES
 from sdpo.tiny import build_tiny_sd15
+from tests.train_fixtures import load_tiny_parts
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +30,7 @@ def tiny_sd15(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def parts(tiny_sd15):
-    from sdpo.family import load_model_parts
-
-    cfg = SimpleNamespace(
-        pretrained_model_name_or_path=str(tiny_sd15),
-        revision=None,
-        cache_dir=None,
-        sdxl=False,
-        unet_init="",
-        pretrained_vae_model_name_or_path=None,
-        resolution=32,
-    )
-    parts = load_model_parts(cfg)
-    parts.freeze_and_place("cpu", torch.float32)
-    return parts
+    return load_tiny_parts(tiny_sd15)
 
 
 def unet_inputs(unet, n=4, seed=0):

@@ -65,3 +65,23 @@ def relative_gap(a: dict, b: dict, start: dict) -> float:
     num = sum(float((a[k].float() - b[k].float()).square().sum()) for k in a)
     den = sum(float((a[k].float() - start[k].float()).square().sum()) for k in a)
     return (num / den) ** 0.5
+
+
+def load_tiny_parts(model: Path, resolution: int = 32):
+    """:class:`sdpo.family.ModelParts` of a tiny SD1.5 folder, frozen on the CPU in float32."""
+    from types import SimpleNamespace
+
+    from sdpo.family import load_model_parts
+
+    cfg = SimpleNamespace(
+        pretrained_model_name_or_path=str(model),
+        revision=None,
+        cache_dir=None,
+        sdxl=False,
+        unet_init="",
+        pretrained_vae_model_name_or_path=None,
+        resolution=resolution,
+    )
+    parts = load_model_parts(cfg)
+    parts.freeze_and_place("cpu", torch.float32)
+    return parts
