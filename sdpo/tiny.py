@@ -87,18 +87,12 @@ def _vae(block_out_channels=(32, 64)):
 
 
 def _scheduler():
-    # The SD1.5 / SDXL training schedule (scaled-linear betas over 1000 steps, epsilon targets).
+    # The real SD1.5 / SDXL training schedule, so the tiny models are noised like the real ones.
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        prediction_type="epsilon",
-        steps_offset=1,
-    )
+    from sdpo.arch import SD_SCHEDULER
+
+    return DDPMScheduler(**SD_SCHEDULER)
 
 
 def tiny_unet_config(
