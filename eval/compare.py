@@ -4,7 +4,7 @@
         [--metrics all|...] [--outdir D] [--device auto] [--batch_size 16] [--no_report]
 
 ``--json_a/--json_b`` are manifests (scored first with eval.score's logic; cached scores are
-reused) or their ``.scores.jsonl`` files. Rules (../shared/reference/metrics.md):
+reused) or their ``.scores.jsonl`` files. Rules (as the official comparison):
 
 * pairs: entries with the exact same prompt string, duplicate prompts paired in order of
   appearance; if no prompt is shared at all, entries are paired by index;

@@ -32,23 +32,21 @@ missing.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from eval.prompts import PromptSetError, load_prompt_entries, set_name
+from sdpo import io
+from sdpo.cli import arg, parse
+from sdpo.families import FAMILIES, ModelSource, detect_family, get_family, read_configs
 
-SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
-SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Run settings a resumed run must share with the images already written (the rest of the
 # settings are in the file names).
-PROVENANCE_KEYS = ("base_model", "sdxl", "unet_path", "vae", "dtype", "prompts_sha256")
+PROVENANCE_KEYS = ("base_model", "family", "unet_path", "vae", "dtype", "prompts_sha256")
 
 
 class GenerationError(RuntimeError):
@@ -59,127 +57,91 @@ class GenerationError(RuntimeError):
 class GenerateConfig:
     """Options of ``python -m eval.generate`` (see ``--help``)."""
 
-    prompts: str  # set name (papv2/hpsv2/partiprompts/smoke) or prompt file path
-    outdir: str  # the manifest goes here, the images into a sub-folder of the same stem
-    pretrained_model_name_or_path: str | None = None  # None: SD1.5 or SDXL base by --sdxl
-    sdxl: bool | None = None  # None: detected from the base model's model_index.json
-    vae: str = "auto"  # auto: fp16-fix VAE for SDXL, base VAE for SD1.5; "base"; id or path
-    unet_path: str | None = None  # unet.pth state_dict or UNet folder; None: base UNet
-    seed: int = 0
-    size: int | None = None  # None: 512 (SD1.5) / 1024 (SDXL)
-    height: int | None = None  # override --size per side
-    width: int | None = None
-    steps: int = 50
-    cfg: float = 7.5  # eps = cond + cfg * (cond - uncond); diffusers guidance_scale = cfg + 1
-    batch_size: int = 1
-    limit: int | None = None  # only the first N prompts
-    dtype: str = "bf16"  # UNet + text encoders (VAE always fp32)
-    device: str | None = None  # None: accelerate's device for this process
-    prompts_dir: str | None = None  # where set names are looked up (default: repo prompts/)
-    print_manifest_path: bool = False  # print the manifest path and exit (for scripts)
+    prompts: str = arg(
+        help="prompt set name (papv2, hpsv2, partiprompts, smoke) or a .json/.txt prompt file",
+        required=True,
+    )
+    outdir: str = arg(help="output folder of manifest and image folder", required=True)
+    pretrained_model_name_or_path: str | None = arg(
+        None,
+        "base pipeline (hub id or folder); default: the model family's base model "
+        f"({', '.join(f'{f.name}: {f.default_base}' for f in FAMILIES.values())})",
+    )
+    sdxl: bool | None = arg(
+        None,
+        "SDXL pipeline (default: the family is detected from the base model's configs; "
+        "--no-sdxl forces SD1.5)",
+        flags=["--sdxl", "--no-sdxl"],
+    )
+    vae: str = arg(
+        "auto",
+        "VAE: 'auto' (the family's evaluation VAE: the fp16-fix VAE for SDXL, the base "
+        "model's otherwise), 'base', or a hub id / folder",
+    )
+    unet_path: str | None = arg(
+        None,
+        "unet.pth (state_dict, loaded strictly into the base model's denoiser) or a diffusers "
+        "UNet folder; default: the base model's",
+    )
+    seed: int = arg(0, "seed of the one shared initial noise")
+    size: int | None = arg(None, "image side (default: the family's, 512 / SDXL 1024)")
+    height: int | None = arg(None, "image height (default --size)")
+    width: int | None = arg(None, "image width (default --size)")
+    steps: int = arg(50, "Euler steps")
+    cfg: float = arg(
+        7.5, "guidance as cond + cfg*(cond - uncond), i.e. diffusers guidance_scale = cfg + 1"
+    )
+    batch_size: int = arg(1, "prompts per pipeline call")
+    limit: int | None = arg(
+        None, "only the first N prompts (the manifest then lists those; same file name)"
+    )
+    dtype: str = arg("bf16", "UNet/text encoder dtype (VAE: fp32)", choices=list(DTYPES))
+    device: str | None = arg(None, "e.g. cuda:0 or cpu (default: accelerate's)")
+    prompts_dir: str | None = arg(None, "folder where set names are looked up")
+    print_manifest_path: bool = arg(
+        False, "check the inputs, print the manifest path this command writes, and exit"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> GenerateConfig:
-    p = argparse.ArgumentParser(
+    return parse(
+        GenerateConfig,
+        argv,
         prog="python -m eval.generate",
-        description="Generate one image per prompt with SD1.5 / SDXL (reference semantics).",
+        description="Generate one image per prompt with a diffusion pipeline (reference semantics).",
     )
-    p.add_argument(
-        "--pretrained_model_name_or_path",
-        default=None,
-        help=f"base pipeline (hub id or folder); default {SD15_BASE}, or {SDXL_BASE} with --sdxl",
-    )
-    g = p.add_mutually_exclusive_group()
-    g.add_argument(
-        "--sdxl",
-        dest="sdxl",
-        action="store_true",
-        default=None,
-        help="SDXL pipeline (default: detected from the base model's model_index.json)",
-    )
-    g.add_argument("--no-sdxl", dest="sdxl", action="store_false", help="force SD1.5")
-    p.add_argument(
-        "--vae",
-        default="auto",
-        help=f"VAE: 'auto' ({SDXL_VAE} for SDXL, the base model's for SD1.5), 'base', "
-        "or a hub id / folder",
-    )
-    p.add_argument(
-        "--unet_path",
-        default=None,
-        help="unet.pth (UNet state_dict, loaded strictly into the base UNet) or a diffusers UNet "
-        "folder; default: the base model's UNet",
-    )
-    p.add_argument(
-        "--prompts",
-        required=True,
-        help="prompt set name (papv2, hpsv2, partiprompts, smoke) or a .json/.txt prompt file",
-    )
-    p.add_argument("--outdir", required=True, help="output folder of manifest and image folder")
-    p.add_argument("--seed", type=int, default=0, help="seed of the one shared initial noise")
-    p.add_argument("--size", type=int, default=None, help="image side (default 512 / SDXL 1024)")
-    p.add_argument("--height", type=int, default=None, help="image height (default --size)")
-    p.add_argument("--width", type=int, default=None, help="image width (default --size)")
-    p.add_argument("--steps", type=int, default=50, help="Euler steps")
-    p.add_argument(
-        "--cfg",
-        type=float,
-        default=7.5,
-        help="guidance as cond + cfg*(cond - uncond), i.e. diffusers guidance_scale = cfg + 1",
-    )
-    p.add_argument("--batch_size", type=int, default=1, help="prompts per pipeline call")
-    p.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help="only the first N prompts (the manifest then lists those; same file name)",
-    )
-    p.add_argument(
-        "--dtype", choices=list(DTYPES), default="bf16", help="UNet/text encoder dtype (VAE: fp32)"
-    )
-    p.add_argument("--device", default=None, help="e.g. cuda:0 or cpu (default: accelerate's)")
-    p.add_argument("--prompts_dir", default=None, help="folder where set names are looked up")
-    p.add_argument(
-        "--print_manifest_path",
-        action="store_true",
-        help="check the inputs, print the manifest path this command writes, and exit",
-    )
-    return GenerateConfig(**vars(p.parse_args(argv)))
 
 
 # ----------------------------------------------------------------------------------------------
 # Input checks (no model loading)
 
 
-def _read_model_index(base: str) -> dict | None:
-    """model_index.json of a local folder or of a cached hub model; None when unavailable."""
-    local = Path(base)
-    if local.is_dir():
-        f = local / "model_index.json"
-        if not f.is_file():
-            raise GenerationError(f"{base} is a folder without model_index.json (not a pipeline)")
-        return json.loads(f.read_text())
+def resolve_family(cfg: GenerateConfig):
+    """``(base model, family)`` from the flags and the base model's configs.
+
+    The family is detected from the configs (:func:`sdpo.families.detect_family`); only when they
+    cannot be read (a hub id not in the local cache, offline) do the flags decide."""
+    flagged = None if cfg.sdxl is None else get_family("sdxl" if cfg.sdxl else "sd15")
+    base = cfg.pretrained_model_name_or_path or (flagged or get_family("sd15")).default_base
+    local = Path(base).expanduser()
+    if local.is_dir() and not (local / "model_index.json").is_file():
+        raise GenerationError(f"{base} is a folder without model_index.json (not a pipeline)")
     try:
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(base, "model_index.json")).read_text())
-    except Exception:
-        return None  # offline and not cached: the flag decides, loading reports any problem
-
-
-def resolve_sdxl(cfg: GenerateConfig) -> tuple[str, bool]:
-    """(base model, is_sdxl) from the flags and the base model's model_index.json."""
-    base = cfg.pretrained_model_name_or_path or (SDXL_BASE if cfg.sdxl else SD15_BASE)
-    index = _read_model_index(base)
-    detected = None
-    if index is not None:
-        detected = "text_encoder_2" in index or "XL" in str(index.get("_class_name", ""))
-    if cfg.sdxl is not None and detected is not None and cfg.sdxl != detected:
-        kind = "an SDXL" if detected else "an SD1.5"
+        configs = read_configs(ModelSource(base))
+    except ValueError:
+        if local.is_dir():
+            raise
+        return base, flagged or get_family("sd15")  # offline, not cached: loading will report
+    try:
+        family = detect_family(configs, base)
+    except ValueError as err:
+        raise GenerationError(str(err)) from None
+    if flagged is not None and flagged is not family:
         flag = "--sdxl" if cfg.sdxl else "--no-sdxl"
-        raise GenerationError(f"{base} is {kind} pipeline ({index.get('_class_name')}) but {flag}")
-    sdxl = detected if detected is not None else bool(cfg.sdxl)
-    return base, sdxl
+        raise GenerationError(
+            f"{base} is a {family.name} pipeline ({configs.index.get('_class_name')}) but {flag}"
+        )
+    return base, family
 
 
 def resolve_unet_path(unet_path: str | None) -> tuple[str, str | None]:
@@ -218,7 +180,7 @@ class Plan:
     """Everything decided before loading models."""
 
     base: str
-    sdxl: bool
+    family: object  # sdpo.families.ModelFamily
     unet_kind: str
     unet_file: str | None
     vae: str | None  # None: the base model's VAE
@@ -246,15 +208,16 @@ def make_plan(cfg: GenerateConfig) -> Plan:
     ).hexdigest()
     if cfg.limit is not None:
         entries = entries[: cfg.limit]
-    base, sdxl = resolve_sdxl(cfg)
+    base, family = resolve_family(cfg)
+    sdxl = family.name == "sdxl"
     unet_kind, unet_file = resolve_unet_path(cfg.unet_path)
-    size = cfg.size or (1024 if sdxl else 512)
+    size = cfg.size or family.default_resolution
     height, width = cfg.height or size, cfg.width or size
     for side, v in (("height", height), ("width", width)):
         if v < 8 or v % 8:
             raise GenerationError(f"image {side} must be a positive multiple of 8, got {v}")
     if cfg.vae in ("auto", "", None):
-        vae = SDXL_VAE if sdxl else None
+        vae = family.eval_vae
     elif cfg.vae in ("base", "none"):
         vae = None
     else:
@@ -263,6 +226,7 @@ def make_plan(cfg: GenerateConfig) -> Plan:
     outdir = Path(cfg.outdir)
     provenance = {
         "base_model": base,
+        "family": family.name,
         "sdxl": sdxl,
         "unet_path": str(Path(unet_file).resolve()) if unet_file else None,
         "vae": vae or "base",
@@ -274,12 +238,12 @@ def make_plan(cfg: GenerateConfig) -> Plan:
         "steps": cfg.steps,
         "cfg": cfg.cfg,
         "guidance_scale": cfg.cfg + 1.0,
-        "scheduler": "EulerDiscreteScheduler",
+        "scheduler": family.eval_scheduler_class_name,
         "negative_prompt": "",
     }
     return Plan(
         base=base,
-        sdxl=sdxl,
+        family=family,
         unet_kind=unet_kind,
         unet_file=unet_file,
         vae=vae,
@@ -296,29 +260,20 @@ def make_plan(cfg: GenerateConfig) -> Plan:
 # Files
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def _write_json(path: Path, obj) -> None:
+    io.write_json(path, obj, indent=2, ensure_ascii=False)
 
 
-def _save_png_atomic(image, path: Path, prompt: str) -> None:
-    """PNG via a temporary file in the same folder + os.replace: never a truncated image."""
+def _save_png(image, path: Path, prompt: str) -> None:
+    """The PNG, atomically, with its prompt: EXIF ImageDescription as the reference writes it
+    (ASCII only), and a UTF-8 PNG text chunk "prompt" that keeps any character."""
     from PIL import ExifTags, Image, PngImagePlugin
 
-    # The prompt travels with the image: EXIF ImageDescription as the reference writes it (ASCII
-    # only), and a UTF-8 PNG text chunk "prompt" that keeps any character.
     exif = Image.Exif()
     exif[ExifTags.Base.ImageDescription] = prompt
     text = PngImagePlugin.PngInfo()
     text.add_itxt("prompt", prompt)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        image.save(tmp, format="PNG", exif=exif, pnginfo=text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    io.save_image(image, path, format="PNG", exif=exif, pnginfo=text)
 
 
 def check_resumable(plan: Plan) -> None:
@@ -341,9 +296,8 @@ def prepare_output(plan: Plan) -> None:
     """Main process: create the image folder, drop leftovers of interrupted writes, record the
     run settings."""
     plan.image_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in plan.image_dir.glob(".*.tmp-*"):
-        leftover.unlink(missing_ok=True)
-    _write_json_atomic(plan.image_dir / "generation_config.json", plan.provenance)
+    io.remove_stale(plan.image_dir)
+    _write_json(plan.image_dir / "generation_config.json", plan.provenance)
 
 
 def missing_indices(plan: Plan) -> list[int]:
@@ -376,7 +330,7 @@ def write_manifest(plan: Plan) -> Path:
             f"{len(absent)} image(s) missing in {plan.image_dir} (e.g. indices {absent[:5]}); "
             "rerun the same command to generate them"
         )
-    _write_json_atomic(plan.manifest, rows)
+    _write_json(plan.manifest, rows)
     return plan.manifest
 
 
@@ -384,39 +338,14 @@ def write_manifest(plan: Plan) -> Path:
 # Models
 
 
-def load_unet_state_dict(path: str) -> dict:
-    import torch
-
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise GenerationError(f"{path} is not a state_dict (got {type(sd).__name__})")
-    # A state_dict saved from a DDP-wrapped or torch.compile'd UNet: strip the wrapper prefix.
-    for prefix in ("module.", "_orig_mod."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix) :]: v for k, v in sd.items()}
-    return sd
-
-
 def load_unet_strict(unet, path: str) -> None:
     """Load ``path`` into ``unet`` requiring the exact same keys and shapes (one clear error)."""
-    sd = load_unet_state_dict(path)
-    own = unet.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    mismatched = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
-    if missing or unexpected or mismatched:
-        raise GenerationError(
-            f"{path} does not match the base model's UNet: {len(missing)} missing keys "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}), "
-            f"{len(mismatched)} shape mismatches (e.g. {mismatched[:3]}). Is it a UNet "
-            "state_dict of this base model (SD1.5 vs SDXL)?"
-        )
-    unet.load_state_dict(sd, strict=True)
+    from sdpo.families.weights import load_state_dict_file, load_strict
+
+    try:
+        load_strict(unet, load_state_dict_file(path), path)
+    except ValueError as err:
+        raise GenerationError(str(err)) from None
 
 
 def _dtype_kwarg(dtype) -> dict:
@@ -440,22 +369,19 @@ def _from_pretrained(cls, name: str, what: str, **kw):
 
 
 def load_pipeline(plan: Plan, dtype_name: str, device):
-    """The diffusers pipeline of ``plan`` with the reference components, on ``device``."""
+    """The family's diffusers pipeline of ``plan`` with the reference components, on ``device``."""
+    import diffusers
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
 
+    family = plan.family
     dtype = getattr(torch, DTYPES[dtype_name])
+    denoiser_cls = family.denoiser_class()
+    sub = family.denoiser_subfolder
     if plan.unet_kind == "folder":
-        unet = _from_pretrained(UNet2DConditionModel, plan.unet_file, "UNet", **_dtype_kwarg(dtype))
+        unet = _from_pretrained(denoiser_cls, plan.unet_file, sub, **_dtype_kwarg(dtype))
     else:
         unet = _from_pretrained(
-            UNet2DConditionModel, plan.base, "base UNet", subfolder="unet", **_dtype_kwarg(dtype)
+            denoiser_cls, plan.base, f"base {sub}", subfolder=sub, **_dtype_kwarg(dtype)
         )
         if plan.unet_kind == "state_dict":
             load_unet_strict(unet, plan.unet_file)
@@ -466,17 +392,12 @@ def load_pipeline(plan: Plan, dtype_name: str, device):
         vae_src = plan.vae
         vae_kw = dict(subfolder="vae") if (Path(vae_src) / "vae" / "config.json").is_file() else {}
     vae_kw.update(_dtype_kwarg(torch.float32))
-    vae = _from_pretrained(AutoencoderKL, vae_src, "VAE", **vae_kw)
-    scheduler = _from_pretrained(
-        EulerDiscreteScheduler, plan.base, "scheduler config", subfolder="scheduler"
-    )
-    extra = {}
-    if not plan.sdxl:
-        extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    cls = StableDiffusionXLPipeline if plan.sdxl else StableDiffusionPipeline
+    vae = _from_pretrained(diffusers.AutoencoderKL, vae_src, "VAE", **vae_kw)
+    scheduler_cls = getattr(diffusers, family.eval_scheduler_class_name)
+    scheduler = _from_pretrained(scheduler_cls, plan.base, "scheduler config", subfolder="scheduler")
     pipe = _from_pretrained(
-        cls, plan.base, "base pipeline", unet=unet, vae=vae, scheduler=scheduler,
-        **_dtype_kwarg(dtype), **extra,
+        family.pipeline_class(), plan.base, "base pipeline", **{sub: unet}, vae=vae,
+        scheduler=scheduler, **_dtype_kwarg(dtype), **family.pipeline_kwargs(),
     )  # fmt: skip
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -565,7 +486,7 @@ def run(cfg: GenerateConfig, state) -> Path:
             prompts = [plan.entries[i]["prompt"] for i in idx]
             for i, image in zip(idx, generate_batch(pipe, prompts, noise, plan, cfg)):
                 path = plan.image_dir / image_name(i, plan.height, plan.width)
-                _save_png_atomic(image, path, plan.entries[i]["prompt"])
+                _save_png(image, path, plan.entries[i]["prompt"])
             bar.update(len(idx))
         bar.close()
     state.wait_for_everyone()

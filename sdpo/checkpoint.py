@@ -23,7 +23,7 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
+from sdpo import io
 
 logger = logging.getLogger(__name__)
 
@@ -62,18 +62,6 @@ def read_state(checkpoint: str | os.PathLike) -> dict:
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def _save_state_dict_atomic(state_dict: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state_dict, tmp)
-    os.replace(tmp, path)
-
-
 def prune(output_dir: str | os.PathLike, keep: int | None) -> list[Path]:
     """Delete the oldest checkpoints so that at most ``keep`` remain; returns the deleted ones."""
     if keep is None:
@@ -86,7 +74,9 @@ def prune(output_dir: str | os.PathLike, keep: int | None) -> list[Path]:
     return doomed
 
 
-def save_checkpoint(accelerator, unet, output_dir, step: int, state: dict, total_limit=None):
+def save_checkpoint(
+    accelerator, unet, family, output_dir, step: int, state: dict, total_limit=None
+):
     """Save ``checkpoint-<step>`` atomically (collective: every process must call it).
 
     Prunes to ``total_limit - 1`` old checkpoints first, so ``total_limit`` remain after the save.
@@ -102,9 +92,9 @@ def save_checkpoint(accelerator, unet, output_dir, step: int, state: dict, total
     accelerator.save_state(str(tmp))
     unet_state = _eval_state(accelerator, unet)  # collective (gathers under DeepSpeed)
     if accelerator.is_main_process:
-        _save_state_dict_atomic(unet_state, tmp / "unet.pth")
-        _save_lora(accelerator, unet, tmp)
-        _write_json_atomic(tmp / STATE_FILE, {**state, "global_step": step})
+        io.save_torch(unet_state, tmp / "unet.pth")
+        _save_lora(accelerator, unet, family, tmp)
+        io.write_json(tmp / STATE_FILE, {**state, "global_step": step})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -122,11 +112,11 @@ def _eval_state(accelerator, unet) -> dict:
     return unet_state_for_eval(accelerator, unet)
 
 
-def _save_lora(accelerator, unet, folder: Path) -> None:
+def _save_lora(accelerator, unet, family, folder: Path) -> None:
     """LoRA runs also keep the adapters alone (diffusers' pytorch_lora_weights.safetensors)."""
     from sdpo.lora import save_lora_if_any
 
-    save_lora_if_any(accelerator.unwrap_model(unet, keep_torch_compile=False), folder)
+    save_lora_if_any(accelerator.unwrap_model(unet, keep_torch_compile=False), folder, family)
 
 
 def load_checkpoint(accelerator, checkpoint) -> dict:
@@ -143,27 +133,22 @@ def truncate_log(output_dir, step: int) -> None:
     if not path.is_file():
         return
     kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    os.replace(tmp, path)
+    io.write_text(path, "".join(ln + "\n" for ln in kept))
 
 
-def save_final(accelerator, unet, output_dir) -> dict:
+def save_final(accelerator, unet, family, output_dir) -> dict:
     """Write ``output_dir/unet.pth`` and ``output_dir/unet/`` (collective); returns their paths."""
     root = Path(output_dir)
     unet_state = _eval_state(accelerator, unet)
     paths = {"unet_pth": root / "unet.pth", "unet_dir": root / "unet"}
     if accelerator.is_main_process:
-        _save_state_dict_atomic(unet_state, paths["unet_pth"])
-        _save_lora(accelerator, unet, root)
-        tmp_dir = root / "unet.tmp"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        io.save_torch(unet_state, paths["unet_pth"])
+        _save_lora(accelerator, unet, family, root)
         model = accelerator.unwrap_model(unet, keep_torch_compile=False)
-        # A plain UNet of the same config (LoRA: the merged weights), as diffusers loads it.
+        # A plain denoiser of the same config (LoRA: the merged weights), as diffusers loads it.
         plain = type(model).from_config(model.config)
         plain.load_state_dict(unet_state, strict=True)
-        plain.save_pretrained(tmp_dir, safe_serialization=True)
-        shutil.rmtree(paths["unet_dir"], ignore_errors=True)
-        os.rename(tmp_dir, paths["unet_dir"])
+        with io.atomic_dir(paths["unet_dir"]) as tmp_dir:
+            plain.save_pretrained(tmp_dir, safe_serialization=True)
     accelerator.wait_for_everyone()
     return paths

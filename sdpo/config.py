@@ -1,6 +1,6 @@
 """Training configuration: one typed dataclass, its command line, and up-front validation.
 
-Flag names and defaults follow the reference ``train.py`` (``shared/reference/defaults.md``).
+Flag names and defaults follow the official Diffusion-SDPO ``train.py``.
 :func:`parse_args` builds the argparse parser from the dataclass fields (help text from each
 field's ``metadata``), resolves the reference's derived defaults (resolution 512 / 1024, ``--sdxl``
 forcing Adafactor and gradient checkpointing) and validates every value with :func:`validate`
@@ -10,17 +10,12 @@ before any model or data is touched.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import os
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-
-def _f(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field carrying its command-line help (and optional argparse choices)."""
-    return field(default=default, metadata={"help": help, **extra})
-
+from sdpo.cli import arg as _f
+from sdpo.cli import build_parser as _build_parser
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
@@ -41,10 +36,9 @@ def _loss_names() -> list[str]:
 
 
 @dataclass
-class TrainConfig:
-    """Every knob of ``train.py``; field names are the command-line flags (``--name``)."""
+class ModelFlags:
+    """Which base model (shared by ``train.py`` and the cache tool)."""
 
-    # --- model ---
     pretrained_model_name_or_path: str | None = _f(
         None, "Base model: hub id or local diffusers pipeline folder (required).", required=True
     )
@@ -55,10 +49,12 @@ class TrainConfig:
     sdxl: bool = _f(
         False, "The base model is SDXL (two text encoders, pooled + size conditioning)."
     )
-    unet_init: str = _f(
-        "", "Start from another UNet: a diffusers UNet folder, a hub id, or a unet.pth state_dict."
-    )
-    # --- data ---
+
+
+@dataclass
+class DataFlags:
+    """Which preference pairs, at which size (shared by ``train.py`` and the cache tool)."""
+
     dataset_name: str | None = _f(None, "Hub dataset id in the Pick-a-Pic v2 schema.")
     dataset_config_name: str | None = _f(None, "Config name of --dataset_name.")
     train_data_dir: str | None = _f(
@@ -70,6 +66,15 @@ class TrainConfig:
         None, "Keep this many (non-tie) pairs, drawn with --seed (debugging / quick runs)."
     )
     resolution: int | None = _f(None, "Training image size (default 512, or 1024 with --sdxl).")
+
+
+@dataclass
+class TrainConfig(DataFlags, ModelFlags):
+    """Every knob of ``train.py``; field names are the command-line flags (``--name``)."""
+
+    unet_init: str = _f(
+        "", "Start from another UNet: a diffusers UNet folder, a hub id, or a unet.pth state_dict."
+    )
     random_crop: bool = _f(False, "RandomCrop instead of CenterCrop after the resize.")
     no_hflip: bool = _f(False, "Disable the random horizontal flips.")
     proportion_empty_prompts: float = _f(
@@ -158,36 +163,14 @@ class TrainConfig:
         return "adamw8bit" if self.use_8bit_adam else "adamw"
 
 
-def _flag_type(f: dataclasses.Field) -> Any:
-    kind = str(f.type)
-    for name, typ in (("bool", bool), ("int", int), ("float", float)):
-        if kind.startswith(name):
-            return typ
-    return str
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser generated from :class:`TrainConfig` (same names, defaults, help)."""
-    parser = argparse.ArgumentParser(
-        description="Preference fine-tuning of SD1.5 / SDXL (Diffusion-DPO, DSPO, DMPO, SFT) "
+    """The ``train.py`` parser, generated from :class:`TrainConfig` (same names, defaults, help)."""
+    return _build_parser(
+        TrainConfig,
+        prog="train.py",
+        description="Preference fine-tuning of diffusion models (Diffusion-DPO, DSPO, DMPO, SFT) "
         "with the SDPO winner-preserving safeguard.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for f in dataclasses.fields(TrainConfig):
-        meta, typ = f.metadata, _flag_type(f)
-        kwargs: dict[str, Any] = {"help": meta["help"], "default": f.default}
-        if typ is bool:
-            kwargs["action"] = "store_true"
-        else:
-            kwargs["type"] = typ
-            if "choices" in meta:
-                kwargs["choices"] = list(meta["choices"])
-            if "choices_from" in meta:
-                kwargs["choices"] = meta["choices_from"]()
-            if meta.get("required"):
-                kwargs["required"] = True
-        parser.add_argument(f"--{f.name}", **kwargs)
-    return parser
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -333,9 +316,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
     A bad value exits through ``argparse``'s error (status 2) with the flag and the reason.
     """
+    from sdpo.cli import from_namespace
+
     parser = build_parser()
-    ns = parser.parse_args(argv)
-    cfg = resolve(TrainConfig(**vars(ns)))
+    cfg = resolve(from_namespace(TrainConfig, parser.parse_args(argv)))
     try:
         validate(cfg)
     except ValueError as err:

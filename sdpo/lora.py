@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -150,48 +151,48 @@ def merged_unet_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return merged
 
 
-def save_lora_weights(unet: torch.nn.Module, output_dir: str | os.PathLike) -> Path:
-    """Write ``output_dir/pytorch_lora_weights.safetensors`` (diffusers LoRA format, the adapter
-    config in its metadata) atomically; returns the path."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def save_lora_weights(unet: torch.nn.Module, output_dir: str | os.PathLike, family) -> Path:
+    """Write ``output_dir/pytorch_lora_weights.safetensors`` (diffusers LoRA format of the
+    ``family``'s pipeline, the adapter config in its metadata) atomically; returns the path."""
+    from sdpo import io
 
     model = _unwrap(unet)
-    sdxl = model.config.get("addition_embed_type") == "text_time"
-    pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    root = Path(output_dir)
-    tmp_dir = root / "lora.tmp"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
     # The adapter config (rank, alpha, targets) travels in the file's metadata: without it a loader
     # assumes alpha = rank and rescales the update.
     config = model.peft_config["default"].to_dict()
     config["target_modules"] = sorted(config["target_modules"])
-    pipeline_cls.save_lora_weights(
-        tmp_dir,
-        unet_lora_layers=lora_state_dict(model),
-        unet_lora_adapter_metadata=config,
-        safe_serialization=True,
-    )
-    path = root / LORA_WEIGHT_NAME
-    os.replace(tmp_dir / LORA_WEIGHT_NAME, path)
-    tmp_dir.rmdir()
-    return path
+    path = Path(output_dir) / LORA_WEIGHT_NAME
+
+    def write(tmp: Path) -> None:
+        # diffusers writes a fixed file name into a folder: write it beside, then move it.
+        with tempfile.TemporaryDirectory(dir=tmp.parent) as folder:
+            family.pipeline_class().save_lora_weights(
+                folder,
+                unet_lora_layers=lora_state_dict(model),
+                unet_lora_adapter_metadata=config,
+                safe_serialization=True,
+            )
+            os.replace(Path(folder) / LORA_WEIGHT_NAME, tmp)
+
+    return io.atomic_write(path, write)
 
 
-def save_lora_if_any(unet: torch.nn.Module, output_dir) -> Path | None:
+def save_lora_if_any(unet: torch.nn.Module, output_dir, family) -> Path | None:
     """:func:`save_lora_weights` when ``unet`` has adapters (checkpoints, final outputs)."""
-    return save_lora_weights(unet, output_dir) if has_lora(unet) else None
+    return save_lora_weights(unet, output_dir, family) if has_lora(unet) else None
 
 
-def save_lora(unet: torch.nn.Module, output_dir: str | os.PathLike) -> dict:
+def save_lora(unet: torch.nn.Module, output_dir: str | os.PathLike, family) -> dict:
     """Write the LoRA file (:func:`save_lora_weights`) and ``output_dir/unet.pth`` (the merged
-    plain UNet state_dict), each atomically. Returns their paths."""
+    plain state_dict), each atomically. Returns their paths."""
+    from sdpo import io
+
     root = Path(output_dir)
-    lora_path = save_lora_weights(unet, root)
-    unet_path = root / "unet.pth"
-    tmp = unet_path.with_name(unet_path.name + ".tmp")
+    lora_path = save_lora_weights(unet, root, family)
     merged = merged_unet_state_dict(unet)
-    torch.save({k: v.detach().cpu().contiguous() for k, v in merged.items()}, tmp)
-    os.replace(tmp, unet_path)
+    unet_path = io.save_torch(
+        {k: v.detach().cpu().contiguous() for k, v in merged.items()}, root / "unet.pth"
+    )
     return {"lora": lora_path, "unet_pth": unet_path}
 
 

@@ -1,9 +1,10 @@
-"""One micro-step of preference training (``shared/reference/formulas.md``).
+"""One micro-step of preference training (Diffusion-DPO, Wallace et al. 2023, Eq. 14; DSPO;
+DMPO; SFT), with the SDPO safeguard (arXiv 2511.03317, Sec. 3) on the loser branch.
 
 Batch layout: ``pixel_values`` is ``[n·B, 3, R, R]``, the B winners then the B losers (n = 2), or
 the B preferred images (n = 1, unpaired objectives such as SFT), with ``captions``; or, from a
-cache (:mod:`sdpo.cache`), ``latent_moments`` ``[n·B, 2C, h, w]`` (the VAE posterior) and ``cond``
-(the UNet conditioning of the B captions). Each pair shares ONE noise tensor ε and ONE timestep t,
+cache (:mod:`sdpo.data.cached`), ``latent_moments`` ``[n·B, 2C, h, w]`` (the VAE posterior) and ``cond``
+(the denoiser conditioning of the B captions). Each pair shares ONE noise tensor ε and ONE timestep t,
 drawn for the winner and repeated for the loser.
 
 The VAE posterior sample, ε and t of a pair come from a generator keyed by
@@ -16,6 +17,8 @@ The objective comes only from :data:`sdpo.losses.LOSSES` and its ``needs_referen
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +33,32 @@ def pair_generators(batch: dict, seed: int, device) -> list[torch.Generator]:
     ]
 
 
+@dataclass(frozen=True)
+class Preference:
+    """The objective's parameters: β, DMPO's α and the safeguard's settings (μ, per-pair λ,
+    λ from residuals summed over processes)."""
+
+    beta: float
+    dmpo_alpha: float = 0.0
+    safeguard: bool = False
+    mu: float = 0.0
+    per_pair: bool = False
+    sync: bool = False
+
+    @classmethod
+    def from_flags(cls, cfg) -> Preference:
+        """From the training flags (``--beta_dpo``, ``--dmpo_alpha``, ``--use_winner_preserving``,
+        ``--winner_preserving_mu`` / ``_per_pair`` / ``_sync``)."""
+        return cls(
+            beta=cfg.beta_dpo,
+            dmpo_alpha=cfg.dmpo_alpha,
+            safeguard=cfg.use_winner_preserving,
+            mu=cfg.winner_preserving_mu,
+            per_pair=cfg.winner_preserving_per_pair,
+            sync=cfg.winner_preserving_sync,
+        )
+
+
 def training_step(
     *,
     parts,
@@ -37,7 +66,7 @@ def training_step(
     ref_unet,
     batch: dict,
     spec,
-    cfg,
+    pref: Preference,
     seed: int,
     device,
     autocast,
@@ -45,18 +74,17 @@ def training_step(
     """Loss and detached stats of one micro-batch.
 
     Args:
-        parts: :class:`sdpo.family.ModelParts` (frozen VAE / text encoders, scheduler).
-        unet: the (accelerate-wrapped) policy UNet. ref_unet: frozen reference or None.
-        spec: the :class:`sdpo.losses.LossSpec` of ``cfg.train_method``.
-        autocast: a context-manager factory (``accelerator.autocast``) for the reference UNet.
+        parts: :class:`sdpo.families.ModelParts` (family, frozen VAE / text encoders, objective).
+        unet: the (accelerate-wrapped) policy denoiser. ref_unet: frozen reference or None.
+        spec: the :class:`sdpo.losses.LossSpec` of the method. pref: its :class:`Preference`.
+        autocast: a context-manager factory (``accelerator.autocast``) for the reference.
 
     Returns: ``(loss, stats)``; stats always include ``loser_scale`` / ``loser_scale_min`` (λ).
     """
-    from diffusers.utils.torch_utils import randn_tensor
-
+    family = parts.family
     gens = pair_generators(batch, seed, device)
     with torch.no_grad():
-        if "latent_moments" in batch:  # cached (sdpo.cache): posterior moments + conditioning
+        if "latent_moments" in batch:  # cached (sdpo.data.cached): posterior moments + conditioning
             from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
             posterior = DiagonalGaussianDistribution(batch["latent_moments"].to(device))
@@ -68,50 +96,34 @@ def training_step(
             cond = parts.encode_prompts(batch["captions"], device)
         n_images = posterior.mean.shape[0] // len(gens)  # 2 for pairs, 1 for unpaired
         # One generator list entry per image: a pair's generator draws its winner's then its
-        # loser's posterior sample, then ε, then t.
-        latents = posterior.sample(generator=gens * n_images).float() * parts.vae_scaling_factor
-        noise = randn_tensor((len(gens), *latents.shape[1:]), generator=gens, device=device)
-        timesteps = torch.cat(
-            [
-                torch.randint(
-                    0,
-                    parts.noise_scheduler.config.num_train_timesteps,
-                    (1,),
-                    generator=g,
-                    device=device,
-                )
-                for g in gens
-            ]
-        )
+        # loser's posterior sample, then (the objective) ε, then t.
+        latents = parts.latents(posterior, gens * n_images)
+        noise, timesteps = parts.objective.draw(gens, latents.shape, device)
         noise, timesteps = noise.repeat(n_images, 1, 1, 1), timesteps.repeat(n_images)
-        noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
+        noisy, target = parts.objective.noisy_and_target(latents, noise, timesteps)
         cond = _repeat_cond(cond, n_images)
 
-    model_pred = unet(noisy, timesteps, **cond).sample
+    model_pred = family.predict(unet, noisy, timesteps, cond)
     ref_pred = None
     if spec.needs_reference:
         with torch.no_grad(), autocast():
-            ref_pred = ref_unet(noisy, timesteps, **cond).sample.float()
+            ref_pred = family.predict(ref_unet, noisy, timesteps, cond).float()
 
     lam = torch.ones((), device=device)
-    if cfg.use_winner_preserving and spec.paired:
+    if pref.safeguard and spec.paired:
         from sdpo.safeguard import winner_preserving_scale
 
         lam = winner_preserving_scale(
-            model_pred.detach(),
-            noise,
-            cfg.winner_preserving_mu,
-            per_pair=cfg.winner_preserving_per_pair,
-            sync=cfg.winner_preserving_sync,
+            model_pred.detach(), target, pref.mu, per_pair=pref.per_pair, sync=pref.sync
         )
     loss, stats = spec.fn(
         model_pred,
         ref_pred,
-        noise,
-        beta=cfg.beta_dpo,
+        target,
+        beta=pref.beta,
         loser_scale=lam,
-        dmpo_alpha=cfg.dmpo_alpha,
-        sdxl=cfg.sdxl,
+        dmpo_alpha=pref.dmpo_alpha,
+        **family.loss_kwargs,
     )
     stats = dict(stats)
     stats.setdefault("loser_scale", lam.float().mean())
@@ -135,26 +147,30 @@ def _repeat_cond(cond: dict, n: int) -> dict:
     }
 
 
-def build_optimizer(cfg, params, lr: float):
-    """AdamW (fused with --use_fused_adam), Adafactor with the reference settings, or bitsandbytes' AdamW8bit."""
-    name = cfg.optimizer_name
+def build_optimizer(
+    params,
+    *,
+    name: str,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 1e-2,
+    eps: float = 1e-8,
+    fused: bool = False,
+):
+    """``name``: 'adamw' (``fused``: the fused CUDA kernel), 'adafactor' with the reference's
+    settings, or 'adamw8bit' (bitsandbytes)."""
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
         return Adafactor(
             params,
             lr=lr,
-            weight_decay=cfg.adam_weight_decay,
+            weight_decay=weight_decay,
             clip_threshold=1.0,
             scale_parameter=False,
             relative_step=False,
         )
-    adam = dict(
-        lr=lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon,
-    )
+    adam = dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -163,9 +179,8 @@ def build_optimizer(cfg, params, lr: float):
                 "--use_8bit_adam needs bitsandbytes: pip install bitsandbytes"
             ) from err
         return bnb.optim.AdamW8bit(params, **adam)
-    # --use_fused_adam: the fused CUDA kernel (validated to be on a GPU); default: torch's
-    # standard (foreach) implementation, as the reference.
-    return torch.optim.AdamW(params, fused=bool(getattr(cfg, "use_fused_adam", False)), **adam)
+    # Default: torch's standard (foreach) implementation, as the reference.
+    return torch.optim.AdamW(params, fused=fused, **adam)
 
 
 class StepStats:

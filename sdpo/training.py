@@ -12,6 +12,7 @@ import logging
 import random
 from pathlib import Path
 
+from sdpo import io
 from sdpo.config import TrainConfig, resolve, validate
 
 logger = logging.getLogger("sdpo.training")
@@ -57,17 +58,20 @@ def _train(cfg: TrainConfig) -> dict:
     from tqdm.auto import tqdm
 
     from sdpo import checkpoint as ckpt
-    from sdpo.family import check_family, load_model_parts
+    from sdpo.data import Augment, DataSource, build_dataloader
+    from sdpo.families import ModelSource, check_family
     from sdpo.losses import LOSSES
-    from sdpo.perf import build_loader, setup_models
-    from sdpo.step import StepStats, build_optimizer, training_step
+    from sdpo.perf import ModelSetup, setup_models
+    from sdpo.step import Preference, StepStats, build_optimizer, training_step
 
     # 1. Everything that can be wrong is checked before weights or images load.
     validate(resolve(cfg))
-    check_family(cfg)  # reads only the configs
+    source = ModelSource.from_flags(cfg)
+    family = check_family(source, flags={"sdxl": cfg.sdxl})  # reads only the configs
     out = Path(cfg.output_dir)
     resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, out)
     spec = LOSSES[cfg.train_method]
+    pref = Preference.from_flags(cfg)
 
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -91,7 +95,36 @@ def _train(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
 
     # 2. Data (column check, tie filtering), then models.
-    loader, dataset, sampler, data_info = build_loader(cfg, paired=spec.paired, seed=seed)
+    data = DataSource.from_flags(cfg)
+    precomputed = None
+    if cfg.precomputed_dir:
+        from sdpo.data.cached import cache_identity, check_cache
+
+        identity = cache_identity(
+            source,
+            family=family.name,
+            resolution=cfg.resolution,
+            mixed_precision=cfg.mixed_precision,
+            data=data,
+            seed=seed,
+        )
+        check_cache(cfg.precomputed_dir, identity)
+        precomputed = (cfg.precomputed_dir, family)
+    augment = Augment(
+        resolution=cfg.resolution,
+        seed=seed,
+        random_crop=cfg.random_crop,
+        hflip=not cfg.no_hflip,
+        proportion_empty_prompts=cfg.proportion_empty_prompts,
+    )
+    loader, dataset, sampler, data_info = build_dataloader(
+        data,
+        augment,
+        paired=spec.paired,
+        batch_size=cfg.train_batch_size,
+        num_workers=cfg.dataloader_num_workers,
+        precomputed=precomputed,
+    )
     if data_info["pairs"] < cfg.train_batch_size * accelerator.num_processes:
         raise ValueError(
             f"{data_info['pairs']} usable pairs are fewer than one global batch "
@@ -99,18 +132,32 @@ def _train(cfg: TrainConfig) -> dict:
         )
     if cfg.use_winner_preserving and not spec.paired:
         logger.warning("--use_winner_preserving has no effect on unpaired %s", cfg.train_method)
-    parts = load_model_parts(cfg)
+    parts = family.load_parts(source, resolution=cfg.resolution)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
     # Frozen encoders placed, frozen reference (a copy, or LoRA's base), trainable parameters.
-    unet, ref_unet, params = setup_models(cfg, parts, spec, accelerator.device, weight_dtype)
+    unet, ref_unet, params = setup_models(
+        parts,
+        ModelSetup.from_flags(cfg),
+        needs_reference=spec.needs_reference,
+        device=accelerator.device,
+        weight_dtype=weight_dtype,
+    )
 
     n_proc = accelerator.num_processes
     lr = cfg.learning_rate
     if cfg.scale_lr:
         lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * n_proc
-    optimizer = build_optimizer(cfg, params, lr)
+    optimizer = build_optimizer(
+        params,
+        name=cfg.optimizer_name,
+        lr=lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+        fused=cfg.use_fused_adam,
+    )
     # accelerate steps a prepared scheduler once per process per optimizer step.
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler,
@@ -153,7 +200,7 @@ def _train(cfg: TrainConfig) -> dict:
                     ref_unet=ref_unet,
                     batch=batch,
                     spec=spec,
-                    cfg=cfg,
+                    pref=pref,
                     seed=seed,
                     device=accelerator.device,
                     autocast=accelerator.autocast,
@@ -184,6 +231,7 @@ def _train(cfg: TrainConfig) -> dict:
                 ckpt.save_checkpoint(
                     accelerator,
                     unet,
+                    family,
                     out,
                     global_step,
                     {**position, "seed": seed, "corrupt_skipped": meter.corrupt_total},
@@ -196,7 +244,7 @@ def _train(cfg: TrainConfig) -> dict:
 
     # 5. Final outputs.
     accelerator.wait_for_everyone()
-    paths = ckpt.save_final(accelerator, unet, out)
+    paths = ckpt.save_final(accelerator, unet, family, out)
     result = {
         "output_dir": str(out),
         "global_step": global_step,
@@ -208,7 +256,7 @@ def _train(cfg: TrainConfig) -> dict:
     }
     if accelerator.is_main_process:
         summary = {k: v for k, v in result.items() if k not in ("unet", "ref_unet")}
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        io.write_json(out / "train_summary.json", summary)
     accelerator.end_training()
     return result
 
@@ -217,12 +265,11 @@ def cli(argv: list[str] | None = None) -> dict:
     """``train.py``'s command line: parse, report a model-family mismatch as a usage error (it
     reads only configs), train."""
     from sdpo.config import build_parser, parse_args
-    from sdpo.family import check_family
+    from sdpo.families import ModelSource, check_family
 
     cfg = parse_args(argv)
     try:
-        check_family(cfg)
+        check_family(ModelSource.from_flags(cfg), flags={"sdxl": cfg.sdxl})
     except ValueError as err:
         build_parser().error(str(err))
     return main(cfg)
-

@@ -9,9 +9,29 @@ import pytest
 import torch
 
 from sdpo import cache
-from sdpo.data import write_synthetic_pickapic
+from sdpo.data import Augment, DataSource
+from sdpo.data.cached import (
+    MANIFEST,
+    CachedPairs,
+    cache_identity,
+    check_cache,
+    collate_cached,
+    shard_name,
+)
+from sdpo.data.pairs import PreferencePairs, collate_pairs
+from sdpo.data.pickapic import prepare_pairs
+from sdpo.families import ModelSource, get_family
+from sdpo.testing.data import write_synthetic_pickapic
 from sdpo.tiny import build_tiny_sd15 as tiny_sd15
 from tests.train_fixtures import load_tiny_parts
+
+SD15 = get_family("sd15")
+
+
+def _both(ds, cache_dir, *, seed, paired, proportion_empty_prompts):
+    """The image and the cached dataset of the same rows, with one Augment."""
+    aug = Augment(resolution=32, seed=seed, proportion_empty_prompts=proportion_empty_prompts)
+    return PreferencePairs(ds, aug, paired=paired), CachedPairs(cache_dir, aug, paired=paired)
 
 STATE = SimpleNamespace(
     process_index=0,
@@ -49,14 +69,14 @@ def setup(tmp_path_factory):
 
 
 def test_manifest_and_shards(setup):
-    m = json.loads((setup.out / cache.MANIFEST).read_text())
+    m = json.loads((setup.out / MANIFEST).read_text())
     assert m["complete"] and m == {**setup.manifest, "complete": True}
     assert m["pairs"] == 7 and m["ties_dropped"] == 1 and m["num_shards"] == 3
     assert m["moments_shape"] == [8, 16, 16] and m["resolution"] == 32
     assert m["model"] == str(setup.model.resolve()) and m["mixed_precision"] == "no"
     from safetensors.torch import load_file
 
-    valid = torch.cat([load_file(setup.out / cache.shard_name(k))["valid"] for k in range(3)])
+    valid = torch.cat([load_file(setup.out / shard_name(k))["valid"] for k in range(3)])
     # Row 6: label 0, so jpg_1 (fine) is the winner and the truncated jpg_0 the loser.
     assert valid.tolist() == [[1, 1]] * 6 + [[1, 0]]
     assert not list(setup.out.glob("*.tmp"))
@@ -73,14 +93,10 @@ def test_cached_items_match_the_image_pipeline(setup, paired):
     import datasets
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    from sdpo.data import PreferencePairs, prepare_pairs
-
     parts = load_parts(setup.model)
     hf = datasets.load_dataset("parquet", data_files=str(setup.data / "*.parquet"), split="train")
     ds, _ = prepare_pairs(hf)
-    kw = dict(seed=5, paired=paired, proportion_empty_prompts=0.5)
-    images = PreferencePairs(ds, resolution=32, **kw)
-    cached = cache.CachedPairs(setup.out, **kw)
+    images, cached = _both(ds, setup.out, seed=5, paired=paired, proportion_empty_prompts=0.5)
     assert len(images) == len(cached) == 7
     drops = flips = 0
     for epoch in (0, 1):
@@ -95,7 +111,7 @@ def test_cached_items_match_the_image_pipeline(setup, paired):
             got = DiagonalGaussianDistribution(b["latent_moments"])
             torch.testing.assert_close(got.mean, want.mean, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(got.logvar, want.logvar, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(b["hidden"], cond, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(b["cond"]["hidden"], cond, rtol=1e-5, atol=1e-5)
             drops += a["caption"] == ""
             plain_winner = cached._get("moments", b["index"])[0, 0]
             flips += int(not torch.equal(b["latent_moments"][0], plain_winner))
@@ -105,38 +121,30 @@ def test_cached_items_match_the_image_pipeline(setup, paired):
 
 
 def test_mismatched_or_incomplete_cache_is_refused(setup, tmp_path):
-    def train_cfg(**over):
-        base = dict(
-            pretrained_model_name_or_path=str(setup.model),
-            revision=None,
-            pretrained_vae_model_name_or_path=None,
-            sdxl=False,
-            resolution=32,
-            mixed_precision="no",
-            dataset_name=None,
-            dataset_config_name=None,
-            train_data_dir=str(setup.data),
-            split="train",
-            max_train_samples=None,
-            seed=0,
-            random_crop=False,
+    def identity(model=None, vae=None, resolution=32, mixed_precision="no", data=None, seed=0, **d):
+        source = ModelSource(str(model or setup.model), vae=vae)
+        data = DataSource(train_data_dir=str(data or setup.data), **d)
+        return cache_identity(
+            source,
+            family="sd15",
+            resolution=resolution,
+            mixed_precision=mixed_precision,
+            data=data,
+            seed=seed,
         )
-        return SimpleNamespace(**{**base, **over})
 
-    assert cache.check_cache(setup.out, train_cfg())["complete"]
+    assert check_cache(setup.out, identity())["complete"]
     for over, word in [
         (dict(resolution=64), "resolution"),
         (dict(mixed_precision="bf16"), "mixed_precision"),
-        (dict(pretrained_vae_model_name_or_path="other/vae"), "vae"),
-        (dict(train_data_dir=str(tmp_path)), "data"),
+        (dict(vae="other/vae"), "vae"),
+        (dict(data=tmp_path), "data"),
         (dict(max_train_samples=3, seed=1), "data"),
     ]:
         with pytest.raises(ValueError, match=word):
-            cache.check_cache(setup.out, train_cfg(**over))
-    with pytest.raises(ValueError, match="random_crop"):
-        cache.check_cache(setup.out, train_cfg(random_crop=True))
+            check_cache(setup.out, identity(**over))
     with pytest.raises(ValueError, match="not a cache"):
-        cache.check_cache(tmp_path, train_cfg())
+        check_cache(tmp_path, identity())
     with pytest.raises(SystemExit):
         cache.parse_args(cache_args(setup.model, setup.data, tmp_path, "--random_crop"))
 
@@ -157,19 +165,19 @@ def test_interrupted_precompute_resumes(setup, monkeypatch):
     monkeypatch.setattr(cache, "encode_images", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         cache.precompute(cfg, STATE)
-    assert not json.loads((out / cache.MANIFEST).read_text())["complete"]
-    assert sorted(p.name for p in out.glob("shard-*")) == [cache.shard_name(0)]
-    first_shard = (out / cache.shard_name(0)).stat().st_mtime_ns
+    assert not json.loads((out / MANIFEST).read_text())["complete"]
+    assert sorted(p.name for p in out.glob("shard-*")) == [shard_name(0)]
+    first_shard = (out / shard_name(0)).stat().st_mtime_ns
 
     calls.clear()
     monkeypatch.setattr(cache, "encode_images", lambda vae, x: calls.append(len(x)) or real(vae, x))
     cache.precompute(cfg, STATE)
     assert calls == [2, 1, 1]  # shard 1 (rows 3-5), shard 2 (row 6) only
-    assert (out / cache.shard_name(0)).stat().st_mtime_ns == first_shard
-    assert json.loads((out / cache.MANIFEST).read_text())["complete"]
+    assert (out / shard_name(0)).stat().st_mtime_ns == first_shard
+    assert json.loads((out / MANIFEST).read_text())["complete"]
     for k in range(3):
-        a = load_file(out / cache.shard_name(k))
-        b = load_file(setup.out / cache.shard_name(k))
+        a = load_file(out / shard_name(k))
+        b = load_file(setup.out / shard_name(k))
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     # A different setting in the same folder is refused up front.
     with pytest.raises(ValueError, match="other settings"):
@@ -186,26 +194,17 @@ def test_cached_step_gives_the_same_loss_as_the_image_step(setup, method):
 
     import datasets
 
-    from sdpo.data import PreferencePairs, collate_pairs, prepare_pairs
     from sdpo.losses import LOSSES
-    from sdpo.step import training_step
+    from sdpo.step import Preference, training_step
 
     parts = load_parts(setup.model)
     spec = LOSSES[method]
     ref = parts.make_reference() if spec.needs_reference else None
     hf = datasets.load_dataset("parquet", data_files=str(setup.data / "*.parquet"), split="train")
-    kw = dict(seed=3, paired=spec.paired, proportion_empty_prompts=0.5)
-    images = PreferencePairs(prepare_pairs(hf)[0], resolution=32, **kw)
-    cached = cache.CachedPairs(setup.out, **kw)
-    cfg = SimpleNamespace(
-        use_winner_preserving=True,
-        winner_preserving_mu=0.5,
-        winner_preserving_per_pair=False,
-        winner_preserving_sync=False,
-        beta_dpo=5000.0,
-        dmpo_alpha=0.0,
-        sdxl=False,
+    images, cached = _both(
+        prepare_pairs(hf)[0], setup.out, seed=3, paired=spec.paired, proportion_empty_prompts=0.5
     )
+    pref = Preference(beta=5000.0, safeguard=True, mu=0.5)
     with torch.no_grad():  # perturb the policy so that policy != reference
         for p in parts.unet.parameters():
             p.add_(torch.randn_like(p) * 1e-3)
@@ -215,7 +214,7 @@ def test_cached_step_gives_the_same_loss_as_the_image_step(setup, method):
         losses = []
         for batch in (
             collate_pairs([images[i] for i in rows]),
-            cache.collate_cached([cached[i] for i in rows], resolution=32),
+            collate_cached([cached[i] for i in rows], family=SD15, resolution=32),
         ):
             loss, stats = training_step(
                 parts=parts,
@@ -223,7 +222,7 @@ def test_cached_step_gives_the_same_loss_as_the_image_step(setup, method):
                 ref_unet=ref,
                 batch=batch,
                 spec=spec,
-                cfg=cfg,
+                pref=pref,
                 seed=11,
                 device="cpu",
                 autocast=contextlib.nullcontext,

@@ -239,9 +239,9 @@ def test_resume_from_partial_outputs(base_runs, models, tmp_path, monkeypatch):
     kept = {i: (dst / f"{i}_{SIZE}x{SIZE}.png").stat().st_mtime_ns for i in (0, 1, 3)}
 
     written = []
-    real_save = G._save_png_atomic
+    real_save = G._save_png
     monkeypatch.setattr(
-        G, "_save_png_atomic", lambda im, p, pr: (written.append(p.name), real_save(im, p, pr))
+        G, "_save_png", lambda im, p, pr: (written.append(p.name), real_save(im, p, pr))
     )
     manifest = G.main(
         G.parse_args(_args(models["sd15"], tmp_path, "--limit", N, "--batch_size", 2))
@@ -260,7 +260,7 @@ def test_resume_from_partial_outputs(base_runs, models, tmp_path, monkeypatch):
 
 def test_killed_run_resumes_without_gaps_or_duplicates(models, tmp_path, monkeypatch):
     k = 3
-    real_save = G._save_png_atomic
+    real_save = G._save_png
     calls = []
 
     def dying_save(image, path, prompt):
@@ -270,7 +270,7 @@ def test_killed_run_resumes_without_gaps_or_duplicates(models, tmp_path, monkeyp
             raise KeyboardInterrupt
         real_save(image, path, prompt)
 
-    monkeypatch.setattr(G, "_save_png_atomic", dying_save)
+    monkeypatch.setattr(G, "_save_png", dying_save)
     args = _args(models["sd15"], tmp_path, "--limit", 5)
     with pytest.raises(KeyboardInterrupt):
         G.main(G.parse_args(args))
@@ -282,7 +282,7 @@ def test_killed_run_resumes_without_gaps_or_duplicates(models, tmp_path, monkeyp
 
     calls.clear()
     monkeypatch.setattr(
-        G, "_save_png_atomic", lambda im, p, pr: (calls.append(p.name), real_save(im, p, pr))
+        G, "_save_png", lambda im, p, pr: (calls.append(p.name), real_save(im, p, pr))
     )
     G.main(G.parse_args(args))
     assert calls == [f"{i}_{SIZE}x{SIZE}.png" for i in range(k, 5)]  # only the missing ones
@@ -340,7 +340,8 @@ def test_unet_pth_strict_and_unet_folder(base_runs, models, tmp_path, monkeypatc
     sdxl_unet = UNet2DConditionModel.from_pretrained(models["sdxl"], subfolder="unet")
     torch.save(sdxl_unet.state_dict(), tmp_path / "sdxl_unet.pth")
     with pytest.raises(
-        G.GenerationError, match=r"unet\.pth does not match the base model's UNet: \d+ missing keys"
+        G.GenerationError,
+        match=r"unet\.pth does not match the base model's UNet2DConditionModel: \d+ missing keys",
     ) as e:
         G.main(
             G.parse_args(
@@ -371,13 +372,13 @@ def test_sharded_processes_split_the_missing_images(base_runs, models, tmp_path,
     dst.mkdir()
     shutil.copy2(base_runs["sd15"].parent / STEM / f"1_{SIZE}x{SIZE}.png", dst)
     writers = []
-    real_save = G._save_png_atomic
+    real_save = G._save_png
 
     def save(image, path, prompt):
         writers.append((threading.current_thread().name, path.name))
         real_save(image, path, prompt)
 
-    monkeypatch.setattr(G, "_save_png_atomic", save)
+    monkeypatch.setattr(G, "_save_png", save)
     # Model loading is not thread-safe (diffusers/transformers build on the meta device through
     # a global context); separate processes do not share it, so threads load one at a time.
     lock, real_load = threading.Lock(), G.load_pipeline
@@ -420,8 +421,8 @@ def test_bad_inputs_fail_before_loading_models(base_runs, models, tmp_path, monk
     cases = [
         (_args(sd15, tmp_path, "--steps", 0), "--steps must be >= 1"),
         (_args(sd15, tmp_path, "--size", 30), "multiple of 8"),
-        (_args(sdxl, tmp_path, "--no-sdxl"), "is an SDXL pipeline"),
-        (_args(sd15, tmp_path, "--sdxl"), "is an SD1.5 pipeline"),
+        (_args(sdxl, tmp_path, "--no-sdxl"), "is a sdxl pipeline"),
+        (_args(sd15, tmp_path, "--sdxl"), "is a sd15 pipeline"),
         (_args(sd15, tmp_path, "--unet_path", tmp_path / "nope.pth"), "--unet_path not found"),
         ([*_args(sd15, tmp_path), "--prompts", str(tmp_path / "x.json")], "prompt file not found"),
     ]

@@ -4,10 +4,11 @@ the LoRA policy."""
 
 import contextlib
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
+
+from sdpo.families import get_family
 
 from sdpo.lora import (
     LORA_WEIGHT_NAME,
@@ -112,18 +113,12 @@ def make_batch(b=2, res=32, seed=0):
     [("diffusion-dpo", False), ("diffusion-dpo", True), ("dspo", True), ("dmpo", True)],
 )
 def test_every_method_and_safeguard_train_through_the_step(parts, method, safeguard):
-    from sdpo.step import training_step
+    from sdpo.step import Preference, training_step
 
     _, policy, params = lora_unet(parts)
     train_adapters(policy, params, steps=1)  # B != 0 so the losses see a policy/reference gap
-    cfg = SimpleNamespace(
-        use_winner_preserving=safeguard,
-        winner_preserving_mu=0.5,
-        winner_preserving_per_pair=False,
-        winner_preserving_sync=False,
-        beta_dpo=5000.0 if method != "dspo" else 0.001,
-        dmpo_alpha=0.01,
-        sdxl=False,
+    pref = Preference(
+        beta=5000.0 if method != "dspo" else 0.001, dmpo_alpha=0.01, safeguard=safeguard, mu=0.5
     )
     step_parts = copy.copy(parts)
     step_parts.unet = policy
@@ -133,7 +128,7 @@ def test_every_method_and_safeguard_train_through_the_step(parts, method, safegu
         ref_unet=AdapterDisabledReference(policy),
         batch=make_batch(),
         spec=LOSSES[method],
-        cfg=cfg,
+        pref=pref,
         seed=0,
         device="cpu",
         autocast=contextlib.nullcontext,
@@ -155,9 +150,9 @@ def test_merged_unet_pth_loads_strictly_and_reproduces_the_lora_policy(parts, ti
 
     _, policy, params = lora_unet(parts, rank=4, alpha=2.0)
     train_adapters(policy, params)
-    paths = save_lora(policy, tmp_path)
+    paths = save_lora(policy, tmp_path, get_family("sd15"))
     assert paths["unet_pth"].is_file() and (tmp_path / LORA_WEIGHT_NAME).is_file()
-    assert not list(tmp_path.glob("*.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LORA_WEIGHT_NAME, "unet.pth"]
 
     plain = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
     state = torch.load(paths["unet_pth"], weights_only=True)
@@ -191,7 +186,7 @@ def test_train_py_lora_run_saves_adapters_and_a_merged_unet(tiny_sd15, tmp_path)
     from diffusers import UNet2DConditionModel
 
     import train
-    from sdpo.data import write_synthetic_pickapic
+    from sdpo.testing.data import write_synthetic_pickapic
     from tests.train_fixtures import train_args
 
     data = write_synthetic_pickapic(tmp_path / "data", n_pairs=4).parent

@@ -20,7 +20,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture
 def data_dir(tmp_path):
-    from sdpo.data import write_synthetic_pickapic
+    from sdpo.testing.data import write_synthetic_pickapic
 
     write_synthetic_pickapic(tmp_path / "data", n_pairs=4)
     return tmp_path / "data"
@@ -160,12 +160,12 @@ def test_family_mismatch_is_caught_before_weights_load(
     alone; main() fails before loading any model or image."""
     import train
     from sdpo import data
-    from sdpo import family as fam
+    from sdpo.families import base
 
     def forbidden(*_, **__):
         raise AssertionError("loaded data or weights before the family check")
 
-    monkeypatch.setattr(fam, "load_model_parts", forbidden)
+    monkeypatch.setattr(base.ModelFamily, "load_parts", forbidden)
     monkeypatch.setattr(data, "build_dataloader", forbidden)
     cfg = parse_args(train_args(models[family], data_dir, tmp_path / "o", sdxl=family == "sd15"))
     with pytest.raises(ValueError, match="--sdxl" if family == "sd15" else "pass --sdxl"):
@@ -174,7 +174,7 @@ def test_family_mismatch_is_caught_before_weights_load(
 
 
 def test_non_epsilon_scheduler_is_rejected(models, data_dir, tmp_path):
-    from sdpo.family import check_family
+    from sdpo.families import ModelSource, check_family
 
     model = tmp_path / "vpred"
     shutil.copytree(models["sd15"], model)
@@ -183,7 +183,7 @@ def test_non_epsilon_scheduler_is_rejected(models, data_dir, tmp_path):
         json.dumps({**json.loads(sched.read_text()), "prediction_type": "v_prediction"})
     )
     with pytest.raises(ValueError, match="epsilon"):
-        check_family(parse_args(train_args(model, data_dir, tmp_path / "o")))
+        check_family(ModelSource(str(model)))
 
 
 # The six reference recipes of defaults.md: (method, β, μ, lr, α, sdxl).

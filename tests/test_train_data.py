@@ -10,19 +10,20 @@ import pytest
 import torch
 
 from sdpo.config import parse_args
-from sdpo.data import (
-    EpochShuffleSampler,
-    PreferencePairs,
-    collate_pairs,
-    load_pickapic,
-    write_synthetic_pickapic,
-)
+from sdpo.data import Augment, DataSource
+from sdpo.data.pairs import EpochShuffleSampler, PreferencePairs, collate_pairs
+from sdpo.data.pickapic import load_pickapic
+from sdpo.testing.data import write_synthetic_pickapic
 from tests.train_fixtures import train_args
 
 
 def _cfg(data_dir, tmp_path, *extra):
     # The model folder is never opened by the data code; validate only checks it exists.
-    return parse_args(train_args(tmp_path, data_dir, tmp_path / "o", *extra))
+    return DataSource.from_flags(parse_args(train_args(tmp_path, data_dir, tmp_path / "o", *extra)))
+
+
+def _pairs(ds, *, paired=True, **kw):
+    return PreferencePairs(ds, Augment(**{"resolution": 32, "seed": 0, **kw}), paired=paired)
 
 
 def _decoded(raw: bytes, resolution: int) -> torch.Tensor:
@@ -62,7 +63,7 @@ def test_winner_first_and_reference_transforms(tmp_path):
     path = write_synthetic_pickapic(tmp_path / "d", n_pairs=4, size=40)
     table = pq.read_table(path).to_pydict()
     ds, _ = load_pickapic(_cfg(tmp_path / "d", tmp_path))
-    pairs = PreferencePairs(ds, resolution=32, seed=0, hflip=False)
+    pairs = _pairs(ds, hflip=False)
     for i in range(4):
         item = pairs[i]
         winner, loser = ("jpg_0", "jpg_1") if table["label_0"][i] == 1 else ("jpg_1", "jpg_0")
@@ -79,8 +80,8 @@ def test_winner_first_and_reference_transforms(tmp_path):
 def test_unpaired_uses_the_preferred_image_only(tmp_path):
     write_synthetic_pickapic(tmp_path / "d", n_pairs=4)
     ds, _ = load_pickapic(_cfg(tmp_path / "d", tmp_path))
-    paired = PreferencePairs(ds, resolution=32, seed=0, hflip=False)
-    sft = PreferencePairs(ds, resolution=32, seed=0, hflip=False, paired=False)
+    paired = _pairs(ds, hflip=False)
+    sft = _pairs(ds, hflip=False, paired=False)
     batch_pairs = collate_pairs([paired[i] for i in range(3)])
     batch_sft = collate_pairs([sft[i] for i in range(3)])
     assert batch_pairs["pixel_values"].shape == (6, 3, 32, 32)  # winners, then losers
@@ -93,7 +94,7 @@ def test_corrupt_row_skipped_and_counted(tmp_path):
     write_synthetic_pickapic(tmp_path / "d", n_pairs=3, corrupt_rows=1)
     ds, info = load_pickapic(_cfg(tmp_path / "d", tmp_path))
     assert info["pairs"] == 4  # the corrupt row has a valid label; it fails only at decoding
-    pairs = PreferencePairs(ds, resolution=32, seed=0)
+    pairs = _pairs(ds)
     item = pairs[3]  # the corrupt row: replaced by the next row (wraps to row 0), counted
     assert item["corrupt"] == 1 and item["index"] == 0
     assert torch.isfinite(item["pixel_values"]).all()
@@ -104,7 +105,7 @@ def test_corrupt_row_skipped_and_counted(tmp_path):
 def test_missing_columns_named_before_training(tmp_path, monkeypatch):
     """Missing columns: one ValueError naming them, raised before any model weights load."""
     import train
-    from sdpo import family
+    from sdpo.families import base
     from tests.train_fixtures import build_models
 
     models = build_models(tmp_path / "m")
@@ -113,7 +114,7 @@ def test_missing_columns_named_before_training(tmp_path, monkeypatch):
     def forbidden(*_, **__):
         raise AssertionError("model weights loaded before the data check")
 
-    monkeypatch.setattr(family, "load_model_parts", forbidden)
+    monkeypatch.setattr(base.ModelFamily, "load_parts", forbidden)
     cfg = parse_args(train_args(models["sd15"], tmp_path / "d", tmp_path / "o"))
     with pytest.raises(ValueError, match=r"\['label_0', 'caption'\]"):
         train.main(cfg)
@@ -122,19 +123,19 @@ def test_missing_columns_named_before_training(tmp_path, monkeypatch):
 def test_caption_dropout_and_flips_are_seeded(tmp_path):
     write_synthetic_pickapic(tmp_path / "d", n_pairs=12)
     ds, _ = load_pickapic(_cfg(tmp_path / "d", tmp_path))
-    all_empty = PreferencePairs(ds, resolution=32, seed=0, proportion_empty_prompts=1.0)
+    all_empty = _pairs(ds, proportion_empty_prompts=1.0)
     assert {all_empty[i]["caption"] for i in range(12)} == {""}
-    half = PreferencePairs(ds, resolution=32, seed=0, proportion_empty_prompts=0.5)
+    half = _pairs(ds, proportion_empty_prompts=0.5)
     dropped = [half[i]["caption"] == "" for i in range(12)]
     assert 0 < sum(dropped) < 12
     # Same (seed, epoch, row) -> same augmentation; another epoch -> other draws.
-    again = PreferencePairs(ds, resolution=32, seed=0, proportion_empty_prompts=0.5)
+    again = _pairs(ds, proportion_empty_prompts=0.5)
     assert [again[i]["caption"] == "" for i in range(12)] == dropped
     again.start_epoch(1)
     assert [again[i]["caption"] == "" for i in range(12)] != dropped
     # Flips are drawn independently for winner and loser: some pair has exactly one flipped.
-    flip = PreferencePairs(ds, resolution=32, seed=0)
-    plain = PreferencePairs(ds, resolution=32, seed=0, hflip=False)
+    flip = _pairs(ds)
+    plain = _pairs(ds, hflip=False)
     flipped = [
         [not torch.equal(flip[i]["pixel_values"][k], plain[i]["pixel_values"][k]) for k in (0, 1)]
         for i in range(12)

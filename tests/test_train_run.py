@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train
-from sdpo.data import write_synthetic_pickapic
+from sdpo.testing.data import write_synthetic_pickapic
 from tests.train_fixtures import (
     REPO,
     build_models,
@@ -241,7 +241,10 @@ def test_unet_init_from_state_dict_and_folder(env, tmp_path):
     """--unet_init: a unet.pth state_dict (strict) or a diffusers UNet folder replaces the start."""
     from diffusers import UNet2DConditionModel
 
-    from sdpo.family import load_unet
+    from sdpo.families import ModelSource, get_family
+
+    def load_unet(cfg):
+        return get_family("sd15").load_denoiser(ModelSource.from_flags(cfg))
 
     model = env["models"]["sd15"]
     start = env["start"]["sd15"]
@@ -266,7 +269,11 @@ def test_unet_init_from_state_dict_and_folder(env, tmp_path):
 def test_sdxl_conditioning(env):
     """SDXL kwargs: penultimate states of both encoders concatenated, pooled projection of
     encoder 2, time_ids [H, W, 0, 0, H, W]; SD1.5: the last hidden state only."""
-    from sdpo.family import load_model_parts
+    from sdpo.families import ModelSource, get_family
+
+    def load_model_parts(cfg):
+        family = get_family("sdxl" if cfg.sdxl else "sd15")
+        return family.load_parts(ModelSource.from_flags(cfg), resolution=cfg.resolution)
 
     data, models = env["data"], env["models"]
     xl = load_model_parts(train.parse_args(train_args(models["sdxl"], data, "o", sdxl=True)))

@@ -68,20 +68,9 @@ def relative_gap(a: dict, b: dict, start: dict) -> float:
 
 
 def load_tiny_parts(model: Path, resolution: int = 32):
-    """:class:`sdpo.family.ModelParts` of a tiny SD1.5 folder, frozen on the CPU in float32."""
-    from types import SimpleNamespace
+    """:class:`sdpo.families.ModelParts` of a tiny SD1.5 folder, frozen on the CPU in float32."""
+    from sdpo.families import ModelSource, get_family
 
-    from sdpo.family import load_model_parts
-
-    cfg = SimpleNamespace(
-        pretrained_model_name_or_path=str(model),
-        revision=None,
-        cache_dir=None,
-        sdxl=False,
-        unet_init="",
-        pretrained_vae_model_name_or_path=None,
-        resolution=resolution,
-    )
-    parts = load_model_parts(cfg)
+    parts = get_family("sd15").load_parts(ModelSource(str(model)), resolution=resolution)
     parts.freeze_and_place("cpu", torch.float32)
     return parts

@@ -1,0 +1,429 @@
+"""What every model family provides, and the parts that are the same for all of them.
+
+A :class:`ModelFamily` answers every question whose answer depends on the model: does a folder
+hold this family (:meth:`ModelFamily.matches`, from the configs alone), how its parts load, how a
+prompt becomes the denoiser's conditioning, how a pair is noised and what the training target is
+(the family's :class:`Objective`), how the denoiser is called, how conditioning is cached, which
+diffusers pipeline generates with it, and how a ``unet.pth`` loads into it. Training, the cache,
+LoRA, evaluation and the bench ask the family; none of them tests "is it SDXL".
+
+This module imports no heavy library at import time (diffusers, transformers and torch are
+imported inside the functions), so evaluation can import it without the training stack.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a model comes from, and its configs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a base model's files come from.
+
+    Attributes:
+        name_or_path: hub id or local diffusers pipeline folder.
+        revision, cache_dir: hub revision and cache folder.
+        vae: a separate VAE (hub id or folder; a folder holding ``vae/`` works too), or None.
+        denoiser_init: start the denoiser from another one (a diffusers folder, a hub id, or a
+            ``unet.pth`` / ``.safetensors`` state dict); "" = the base model's.
+    """
+
+    name_or_path: str
+    revision: str | None = None
+    cache_dir: str | None = None
+    vae: str | None = None
+    denoiser_init: str = ""
+
+    @classmethod
+    def from_flags(cls, cfg) -> ModelSource:
+        """From an object with the training flags' names (``pretrained_model_name_or_path``,
+        ``revision``, ``cache_dir``, ``pretrained_vae_model_name_or_path``, ``unet_init``)."""
+        return cls(
+            name_or_path=cfg.pretrained_model_name_or_path,
+            revision=getattr(cfg, "revision", None),
+            cache_dir=getattr(cfg, "cache_dir", None),
+            vae=getattr(cfg, "pretrained_vae_model_name_or_path", None),
+            denoiser_init=getattr(cfg, "unet_init", "") or "",
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    """The configs a family is recognised from: ``model_index.json``, the denoiser's
+    ``config.json`` and the scheduler's config (each ``{}`` when absent)."""
+
+    index: dict
+    denoiser: dict
+    scheduler: dict
+
+
+def _read_json(source: ModelSource, filename: str) -> dict | None:
+    """A JSON file of a local folder or a hub repository (the hub cache is used offline)."""
+    local = Path(source.name_or_path).expanduser()
+    if local.is_dir():
+        path = local / filename
+        return json.loads(path.read_text()) if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        path = hf_hub_download(
+            source.name_or_path, filename, revision=source.revision, cache_dir=source.cache_dir
+        )
+    except EntryNotFoundError:
+        return None
+    return json.loads(Path(path).read_text())
+
+
+def read_configs(source: ModelSource) -> ModelConfigs:
+    """Read the configs of ``source`` (no weight is touched). Raises ``ValueError`` when the
+    folder or hub repository is not a diffusers pipeline or cannot be read."""
+    name = source.name_or_path
+    try:
+        index = _read_json(source, "model_index.json")
+        if index is None:
+            raise OSError("no model_index.json")
+        denoiser = {}
+        for sub in ("unet", "transformer"):
+            if sub in index:
+                denoiser = _read_json(source, f"{sub}/config.json") or {}
+                break
+        scheduler = _read_json(source, "scheduler/scheduler_config.json") or {}
+    except Exception as err:  # hub errors come in many types (offline, gated, missing)
+        raise ValueError(
+            f"--pretrained_model_name_or_path {name!r}: cannot read the diffusers pipeline "
+            f"configs (model_index.json, unet/, scheduler/): {err}"
+        ) from err
+    return ModelConfigs(index=index, denoiser=denoiser, scheduler=scheduler)
+
+
+def has_component(index: dict, name: str) -> bool:
+    """Whether ``model_index.json`` lists a real component ``name`` (not ``[null, null]``)."""
+    return index.get(name) not in (None, [None, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training objectives: the noising of a pair and its target
+# ---------------------------------------------------------------------------------------------
+
+
+class Objective:
+    """How training noises clean latents and what the denoiser must predict.
+
+    Every pair shares ONE noise tensor and ONE timestep (drawn from the pair's keyed generator,
+    so they do not depend on how pairs are split over processes); the loser reuses the winner's.
+    """
+
+    name: ClassVar[str]
+
+    def draw(self, generators: list, latent_shape, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(noise [P, ...], timesteps [P])``: one noise and one timestep per pair, each from
+        its pair's generator (noise first, then the timestep)."""
+        raise NotImplementedError
+
+    def noisy_and_target(self, latents, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(denoiser input, training target)`` of clean ``latents``."""
+        raise NotImplementedError
+
+
+class EpsilonObjective(Objective):
+    """DDPM ε-prediction (SD1.5, SDXL): x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, target ε, t uniform on
+    {0, …, T−1} (Diffusion-DPO, Wallace et al. 2023, Eq. 14)."""
+
+    name = "epsilon"
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def draw(self, generators, latent_shape, device):
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor(
+            (len(generators), *latent_shape[1:]), generator=generators, device=device
+        )
+        steps = self.scheduler.config.num_train_timesteps
+        timesteps = torch.cat(
+            [torch.randint(0, steps, (1,), generator=g, device=device) for g in generators]
+        )
+        return noise, timesteps
+
+    def noisy_and_target(self, latents, noise, timesteps):
+        return self.scheduler.add_noise(latents, noise, timesteps), noise
+
+
+def _require_epsilon(prediction: str, name: str) -> None:
+    if prediction != "epsilon":
+        raise ValueError(
+            f"{name!r}: scheduler prediction_type is {prediction!r}; the preference losses "
+            "need an epsilon-prediction model"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The loaded parts of one base model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelParts:
+    """The frozen encoders, the trainable denoiser and the objective of one base model.
+
+    Attributes:
+        family: the :class:`ModelFamily` these parts belong to.
+        unet: the denoiser to train (a UNet, or a transformer for flow-matching families;
+            starting weights; unwrapped). None when loaded ``with_denoiser=False``.
+        vae: AutoencoderKL (frozen).
+        text_encoders, tokenizers: the family's text encoders (frozen) and their tokenizers.
+        noise_scheduler: the base model's training scheduler.
+        objective: the family's :class:`Objective` built on that scheduler.
+        resolution: training image size (SDXL's size conditioning uses it).
+        vae_dtype_override: dtype the VAE must stay in whatever the mixed precision (SDXL's
+            original VAE overflows in fp16), or None to follow the weight dtype.
+    """
+
+    family: ModelFamily
+    unet: Any
+    vae: Any
+    text_encoders: list
+    tokenizers: list
+    noise_scheduler: Any
+    objective: Objective
+    resolution: int
+    vae_dtype_override: Any = None
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def latents(self, posterior, generators: list) -> torch.Tensor:
+        """Scaled float32 latents sampled from the VAE posterior, one generator per image."""
+        return self.family.scale_latents(self.vae, posterior.sample(generator=generators).float())
+
+    def freeze_and_place(self, device, weight_dtype) -> None:
+        """Freeze VAE and text encoders (eval, no grad) and move them to ``device`` in
+        ``weight_dtype`` (the VAE in ``vae_dtype_override`` when set)."""
+        for module in (self.vae, *self.text_encoders):
+            module.requires_grad_(False).eval()
+        self.vae.to(device, dtype=self.vae_dtype_override or weight_dtype)
+        for enc in self.text_encoders:
+            enc.to(device, dtype=weight_dtype)
+
+    def make_reference(self):
+        """A frozen copy of the starting denoiser (the DPO reference policy)."""
+        ref = copy.deepcopy(self.unet)
+        ref.requires_grad_(False).eval()
+        return ref
+
+    def encode_prompts(self, captions: list[str], device) -> dict:
+        """B captions -> the denoiser's conditioning kwargs (float32), see the family."""
+        return self.family.encode_prompts(self, captions, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The family interface
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelFamily:
+    """One model family. Subclasses set the class attributes and override what differs."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    default_base: ClassVar[str]  # hub id of the base model the recipes and evaluation default to
+    default_resolution: ClassVar[int]
+    # The official flag that says "this family" (``--sdxl``); None when detection alone decides.
+    flag: ClassVar[str | None] = None
+    denoiser_subfolder: ClassVar[str] = "unet"
+    denoiser_class_name: ClassVar[str] = "UNet2DConditionModel"
+    pipeline_class_name: ClassVar[str]
+    # Evaluation: the scheduler the paper samples with and the VAE used by default (None: base).
+    eval_scheduler_class_name: ClassVar[str] = "EulerDiscreteScheduler"
+    eval_vae: ClassVar[str | None] = None
+    # Extra keyword arguments of the losses for this family (DSPO has an SDXL form).
+    loss_kwargs: ClassVar[dict] = {}
+
+    def __repr__(self) -> str:
+        return f"<model family {self.name}>"
+
+    # --- detection -----------------------------------------------------------------------------
+    def matches(self, configs: ModelConfigs) -> bool:
+        raise NotImplementedError
+
+    def describe(self, configs: ModelConfigs) -> str:
+        """What in the configs made (or would make) this family match, for error messages."""
+        return self.description
+
+    # --- loading -------------------------------------------------------------------------------
+    def objective(self, scheduler, name: str) -> Objective:
+        """The training objective of ``scheduler`` (``name``: the model, for errors)."""
+        _require_epsilon(scheduler.config.get("prediction_type", "epsilon"), name)
+        return EpsilonObjective(scheduler)
+
+    def check_configs(self, configs: ModelConfigs, name: str) -> None:
+        """Refuse, from the configs alone, a model this family cannot train."""
+        _require_epsilon(configs.scheduler.get("prediction_type", "epsilon"), name)
+
+    def denoiser_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.denoiser_class_name)
+
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_name)
+
+    def load_denoiser(self, source: ModelSource):
+        """The denoiser to train: the base model's, or ``source.denoiser_init`` (a diffusers
+        folder, a hub id, or a state dict loaded strictly)."""
+        from sdpo.families.weights import load_state_dict_file, load_strict
+
+        cls = self.denoiser_class()
+        init = source.denoiser_init
+        if init and not init.endswith(STATE_DICT_SUFFIXES):
+            sub = (
+                self.denoiser_subfolder
+                if os.path.isdir(os.path.join(init, self.denoiser_subfolder))
+                else None
+            )
+            if not os.path.isdir(init):
+                sub = self.denoiser_subfolder  # a hub id of a full pipeline
+            model = cls.from_pretrained(init, subfolder=sub, cache_dir=source.cache_dir)
+            logger.info("%s initialised from %s", self.denoiser_subfolder, init)
+            return model
+        model = cls.from_pretrained(
+            source.name_or_path,
+            subfolder=self.denoiser_subfolder,
+            revision=source.revision,
+            cache_dir=source.cache_dir,
+        )
+        if init:
+            load_strict(model, load_state_dict_file(init), init, flag="--unet_init")
+            logger.info("%s weights loaded from %s", self.denoiser_subfolder, init)
+        return model
+
+    def load_vae(self, source: ModelSource):
+        from diffusers import AutoencoderKL
+
+        if source.vae:
+            sub = "vae" if os.path.isdir(os.path.join(source.vae, "vae")) else None
+            return AutoencoderKL.from_pretrained(
+                source.vae, subfolder=sub, cache_dir=source.cache_dir
+            )
+        return AutoencoderKL.from_pretrained(
+            source.name_or_path,
+            subfolder="vae",
+            revision=source.revision,
+            cache_dir=source.cache_dir,
+        )
+
+    def load_text_encoders(self, source: ModelSource) -> tuple[list, list]:
+        """``(tokenizers, text_encoders)``."""
+        raise NotImplementedError
+
+    def load_scheduler(self, source: ModelSource):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_pretrained(
+            source.name_or_path,
+            subfolder="scheduler",
+            revision=source.revision,
+            cache_dir=source.cache_dir,
+        )
+
+    def vae_dtype_override(self, source: ModelSource):
+        return None
+
+    def load_parts(
+        self, source: ModelSource, *, resolution: int, with_denoiser: bool = True
+    ) -> ModelParts:
+        """Tokenizers, text encoders, VAE, scheduler and (unless ``with_denoiser=False``, as the
+        latent/text cache needs) the denoiser."""
+        scheduler = self.load_scheduler(source)
+        tokenizers, text_encoders = self.load_text_encoders(source)
+        return ModelParts(
+            family=self,
+            unet=self.load_denoiser(source) if with_denoiser else None,
+            vae=self.load_vae(source),
+            text_encoders=text_encoders,
+            tokenizers=tokenizers,
+            noise_scheduler=scheduler,
+            objective=self.objective(scheduler, source.name_or_path),
+            resolution=resolution,
+            vae_dtype_override=self.vae_dtype_override(source),
+        )
+
+    def parts_from_modules(
+        self, *, unet, vae, text_encoders, tokenizers, scheduler, resolution: int
+    ) -> ModelParts:
+        """:class:`ModelParts` from modules built in memory (tests, the bench)."""
+        return ModelParts(
+            family=self,
+            unet=unet,
+            vae=vae,
+            text_encoders=list(text_encoders),
+            tokenizers=list(tokenizers),
+            noise_scheduler=scheduler,
+            objective=self.objective(scheduler, self.name),
+            resolution=resolution,
+        )
+
+    # --- conditioning and the denoiser call ----------------------------------------------------
+    def encode_prompts(self, parts: ModelParts, captions: list[str], device) -> dict:
+        raise NotImplementedError
+
+    @staticmethod
+    def tokenize(tokenizer, captions: list[str], device):
+        return tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+
+    def scale_latents(self, vae, latents):
+        """VAE latents -> the denoiser's latent space."""
+        return latents * float(vae.config.scaling_factor)
+
+    def predict(self, denoiser, noisy, timesteps, cond: dict):
+        """The denoiser's prediction for ``noisy`` at ``timesteps`` under ``cond``."""
+        return denoiser(noisy, timesteps, **cond).sample
+
+    def cond_to_cache(self, cond: dict) -> dict:
+        """The per-caption tensors of ``cond`` a cache stores (derived ones are rebuilt)."""
+        raise NotImplementedError
+
+    def cond_from_cache(self, tensors: dict, resolution: int) -> dict:
+        """Batched cached tensors (``[B, ...]`` each, float32) -> conditioning kwargs."""
+        raise NotImplementedError
+
+    def dummy_cond(
+        self, denoiser_config: dict, batch: int, device, dtype=None, tokens: int = 77
+    ) -> dict:
+        """Random conditioning of the right shapes (FLOP counting, benchmarks)."""
+        raise NotImplementedError
+
+    # --- generation ----------------------------------------------------------------------------
+    def pipeline_kwargs(self) -> dict:
+        """Extra keyword arguments of the pipeline's ``from_pretrained``."""
+        return {}
