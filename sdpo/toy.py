@@ -12,7 +12,7 @@ This module makes everything needed to see it in a few minutes on a CPU, with no
    with ``--loser_kinds``). Written in the
    Pick-a-Pic parquet schema (``jpg_0``, ``jpg_1``, ``label_0``, ``caption``) so ``train.py``
    reads it with ``--train_data_dir``; held-out pairs are written separately;
-2. a tiny SD1.5-style model (:func:`sdpo.tiny.build_tiny_sd15`, with a deterministic VAE and a
+2. a tiny SD1.5-style model (:func:`sdpo.testing.tiny.build_tiny_sd15`, with a deterministic VAE and a
    smaller UNet) and a short SFT phase run through ``train.py`` (``--train_method sft``) so the
    start already denoises and the reference is meaningful;
 3. Diffusion-DPO, DSPO and DMPO, safeguard off / on, several seeds, all through ``train.py`` from
@@ -205,7 +205,7 @@ def build_toy_model(
 ) -> Path:
     """A tiny SD1.5-style folder fit for the toy task; returns ``path``.
 
-    Starts from :func:`sdpo.tiny.build_tiny_sd15` and changes two things, through diffusers:
+    Starts from :func:`sdpo.testing.tiny.build_tiny_sd15` and changes two things, through diffusers:
 
     - the VAE posterior is made deterministic (log-variance pinned to its floor) and
       ``scaling_factor`` is set so the toy images' latents have unit standard deviation, as
@@ -218,7 +218,7 @@ def build_toy_model(
     import torch
     from diffusers import AutoencoderKL
 
-    from sdpo.tiny import build_tiny_sd15
+    from sdpo.testing.tiny import build_tiny_sd15
 
     latent_size = image_size // 2  # the tiny VAE downsamples by 2
     path = Path(path)

@@ -10,7 +10,7 @@ import torch
 
 from sdpo import cache
 from sdpo.data import write_synthetic_pickapic
-from sdpo.tiny import build_tiny_sd15 as tiny_sd15
+from sdpo.testing.tiny import build_tiny_sd15 as tiny_sd15
 from tests.train_fixtures import load_tiny_parts
 
 STATE = SimpleNamespace(

@@ -24,7 +24,7 @@ STEM = f"smoke_seed0_{SIZE}x{SIZE}_{STEPS}s_7.5cfg"
 
 
 def _build(kind: str, path: Path, seed: int = 0) -> Path:
-    import sdpo.tiny as tiny
+    import sdpo.testing.tiny as tiny
 
     build = tiny.build_tiny_sdxl if kind == "sdxl" else tiny.build_tiny_sd15
     return build(path, seed=seed)
