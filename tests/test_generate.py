@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_PROMPTS
 from PIL import Image
 
 import eval.generate as G
@@ -493,7 +492,7 @@ def test_two_real_processes_share_the_work(base_runs, models, tmp_path):
         assert np.abs(a - b).max() <= 1
 
 
-def test_sd15_script_end_to_end_with_five_metrics(models, tmp_path):
+def test_sd15_script_end_to_end_with_five_metrics(models, tmp_path, paper_prompts):
     """scripts/eval/test_sd15.sh on the tiny SD1.5 model with part B's tiny scorer weights (same
     loading path as the real ones): generation beside unet.pth, all five metrics per set, and the
     combined summary at the end."""
@@ -519,7 +518,7 @@ def test_sd15_script_end_to_end_with_five_metrics(models, tmp_path):
         NUM_PROCESSES="1",
         DEVICE="cpu",
         PROMPTS_DIR=str(tmp_path / "prompts"),
-        PROMPTS_FROM=str(SHARED_PROMPTS),
+        PROMPTS_FROM=str(paper_prompts),
     )
     script = Path(G.__file__).resolve().parent.parent / "scripts/eval/test_sd15.sh"
     r = subprocess.run(
