@@ -17,29 +17,9 @@ import torch
 
 
 def build_pipeline(parts, *, device, dtype):
-    """A diffusers pipeline from a :class:`sdpo.family.ModelParts` (UNet and text encoders in
-    ``dtype``, VAE in fp32, Euler scheduler from the training schedule's config)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    scheduler = EulerDiscreteScheduler.from_config(parts.noise_scheduler.config)
-    common = dict(unet=parts.unet, vae=parts.vae, scheduler=scheduler)
-    if parts._sdxl:
-        pipe = StableDiffusionXLPipeline(
-            text_encoder=parts.text_encoders[0],
-            text_encoder_2=parts.text_encoders[1],
-            tokenizer=parts.tokenizers[0],
-            tokenizer_2=parts.tokenizers[1],
-            **common,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            text_encoder=parts.text_encoders[0],
-            tokenizer=parts.tokenizers[0],
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            **common,
-        )
+    """The family's diffusers pipeline from a :class:`sdpo.families.ModelParts` (denoiser and
+    text encoders in ``dtype``, VAE in fp32, Euler scheduler from the training schedule's config)."""
+    pipe = parts.family.pipeline_from_parts(parts)
     pipe.to(device)
     pipe.unet.to(dtype=dtype)
     for enc in parts.text_encoders:

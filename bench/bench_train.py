@@ -25,7 +25,7 @@ activations), counters reset between rows after freeing the previous row's model
 
 MFU: the UNet FLOPs of one forward and one forward + backward per image are counted once with
 ``torch.utils.flop_counter.FlopCounterMode`` on a meta-device copy of the UNet
-(:func:`sdpo.arch.unet_flops_per_image`: matmuls, convolutions, attention, 2 FLOPs per MAC).
+(:func:`bench.flops.unet_flops_per_image`: matmuls, convolutions, attention, 2 FLOPs per MAC).
 Per micro-step the model FLOPs are 2B·(F_fwd+bwd + F_fwd if a reference is needed); VAE / text
 encoders and gradient-checkpointing recomputation are not counted. MFU = FLOPs / time /
 ``--peak_tflops`` (default 790: the bf16 peak the issue's own H100 measurements were
@@ -50,7 +50,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 if __package__ in (None, ""):  # python bench/bench_train.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -107,7 +106,7 @@ def parse_args(argv=None) -> BenchConfig:
         "gen_batch": "batch size of the batched generation",
         "gen_steps": "Euler steps per image (reference: 50)",
         "skip_generation": "training rows only",
-        "tiny": "tiny sdpo.tiny models on CPU (seconds; for tests); implies fp32",
+        "tiny": "tiny sdpo.testing.tiny models on CPU (seconds; for tests); implies fp32",
         "rows": "comma-separated rows to measure (a and c needed for the ratios)",
         "device": "default: cuda if available, else cpu",
         "results": "markdown file the table is appended to",
@@ -152,10 +151,10 @@ class ModelFactory:
             cfg.mixed_precision, torch.float32
         )
         if cfg.tiny:
-            import sdpo.tiny as tiny
-            from sdpo.arch import build_scheduler
+            import sdpo.testing.tiny as tiny
+            from sdpo.testing.realsize import build_scheduler
 
-            try:  # sdpo/tiny.py passes an argument diffusers 0.42's DDPMScheduler rejects
+            try:  # sdpo/testing/tiny.py passes an argument diffusers 0.42's DDPMScheduler rejects
                 tiny._scheduler()
             except TypeError:
                 tiny._scheduler = build_scheduler
@@ -167,21 +166,12 @@ class ModelFactory:
         frozen in the weight dtype when ``encoders`` (else left on the CPU: cached rows)."""
         cfg = self.cfg
         if cfg.tiny:
-            from sdpo.family import load_model_parts
+            from sdpo.families import ModelSource, get_family
 
-            parts = load_model_parts(
-                SimpleNamespace(
-                    pretrained_model_name_or_path=str(self.tiny_path),
-                    revision=None,
-                    cache_dir=None,
-                    sdxl=cfg.family == "sdxl",
-                    unet_init="",
-                    pretrained_vae_model_name_or_path=None,
-                    resolution=cfg.resolution,
-                )
-            )
+            source = ModelSource(str(self.tiny_path))
+            parts = get_family(cfg.family).load_parts(source, resolution=cfg.resolution)
         else:
-            from sdpo import arch
+            from sdpo.testing import realsize as arch
 
             dev = self.device if encoders else "meta"
             parts = arch.build_model_parts(
@@ -199,7 +189,7 @@ class ModelFactory:
 
     def flops(self, unet, *, lora: bool) -> tuple[int, int]:
         """(forward, forward + backward) UNet FLOPs per image, counted once per kind of UNet."""
-        from sdpo.arch import unet_flops_per_image
+        from bench.flops import unet_flops_per_image
 
         if lora not in self._flops:
             res = self.cfg.resolution
@@ -332,7 +322,7 @@ def measure_row(row: str, cfg: BenchConfig, factory: ModelFactory, device) -> di
 
     from bench.reference_recipe import reference_step
     from sdpo.losses import LOSSES
-    from sdpo.step import training_step
+    from sdpo.step import Preference, training_step
 
     _free(device)
     wdtype = factory.weight_dtype
@@ -410,7 +400,7 @@ def measure_row(row: str, cfg: BenchConfig, factory: ModelFactory, device) -> di
                 ref_unet=ref,
                 batch=batch,
                 spec=spec,
-                cfg=train_cfg,
+                pref=Preference.from_flags(train_cfg),
                 seed=cfg.seed,
                 device=device,
                 autocast=autocast,

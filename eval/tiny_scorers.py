@@ -3,7 +3,8 @@
 ``build_tiny_scorers(folder)`` writes, offline and in a few seconds:
 
 * ``pickscore_model/`` (CLIPModel, save_pretrained) + ``clip_processor/`` (CLIPProcessor: 32 px
-  image processor, a byte-level CLIP tokenizer from :func:`sdpo.tiny.write_char_tokenizer`);
+  image processor, a byte-level CLIP tokenizer from
+  :func:`sdpo.testing.tiny.write_char_tokenizer`);
 * ``sdpo-tiny-openclip.json``: an open_clip model config (registered by ``SDPO_OPENCLIP_ARCH``;
   uses open_clip's own CLIP BPE tokenizer, which ships with open_clip) with
   ``HPS_v2_compressed.pt`` (``{"state_dict": ...}`` as HPS releases it) and
@@ -135,7 +136,7 @@ def build_tiny_scorers(path: str | Path, *, seed: int = 0) -> dict[str, str]:
     torch.manual_seed(seed)
     from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from sdpo.tiny import write_char_tokenizer
+    from sdpo.testing.tiny import write_char_tokenizer
 
     # PickScore: CLIP model folder + processor folder (as the two hub repos).
     tok_dir = write_char_tokenizer(path / "clip_processor")

@@ -1,10 +1,13 @@
-"""The benchmark's tiny CPU mode runs every row and writes the table (so the script never rots)."""
+"""The benchmark: its tiny CPU mode runs every row and writes the table (so the script never
+rots), and its UNet FLOP counter matches the published measurement."""
 
 import json
 
 from bench import bench_train
+from bench.flops import unet_flops_per_image
 from bench.reference_recipe import autograd_lambda
 from sdpo.safeguard import winner_preserving_scale
+from sdpo.testing import realsize
 
 
 def test_tiny_bench_writes_a_table_with_all_rows(tmp_path):
@@ -57,3 +60,18 @@ def test_reference_autograd_lambda_equals_our_closed_form():
         pred[2:] = pred[:2] * 0.7 + 0.3 * pred[2:]  # aligned residuals: λ < 1
         ours = winner_preserving_scale(pred, target, 0.5)
         torch.testing.assert_close(autograd_lambda(pred, target, 0.5), ours.float())
+
+
+def test_unet_flops_sd15_at_512():
+    unet = realsize.build_unet("sd15")
+    fwd = unet_flops_per_image(unet, 512)
+    fwd_bwd = unet_flops_per_image(unet, 512, backward=True)
+    # The issue's measurement: ~0.80 TFLOP per image per forward; backward ~ 2x forward.
+    assert 0.79e12 < fwd < 0.81e12
+    assert 2.9 < fwd_bwd / fwd < 3.1
+    # LoRA: no weight gradients of the frozen base, so the backward costs about one forward.
+    from sdpo.lora import add_lora
+
+    add_lora(unet, 8)
+    lora = unet_flops_per_image(unet, 512, backward=True)
+    assert 1.8 < lora / fwd < 2.3

@@ -22,7 +22,7 @@ from sdpo.data.pairs import PreferencePairs, collate_pairs
 from sdpo.data.pickapic import prepare_pairs
 from sdpo.families import ModelSource, get_family
 from sdpo.testing.data import write_synthetic_pickapic
-from sdpo.tiny import build_tiny_sd15 as tiny_sd15
+from sdpo.testing.tiny import build_tiny_sd15 as tiny_sd15
 from tests.train_fixtures import load_tiny_parts
 
 SD15 = get_family("sd15")

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_PROMPTS
 from PIL import Image
 
 import eval.generate as G
@@ -24,7 +23,7 @@ STEM = f"smoke_seed0_{SIZE}x{SIZE}_{STEPS}s_7.5cfg"
 
 
 def _build(kind: str, path: Path, seed: int = 0) -> Path:
-    import sdpo.tiny as tiny
+    import sdpo.testing.tiny as tiny
 
     build = tiny.build_tiny_sdxl if kind == "sdxl" else tiny.build_tiny_sd15
     return build(path, seed=seed)
@@ -494,7 +493,7 @@ def test_two_real_processes_share_the_work(base_runs, models, tmp_path):
         assert np.abs(a - b).max() <= 1
 
 
-def test_sd15_script_end_to_end_with_five_metrics(models, tmp_path):
+def test_sd15_script_end_to_end_with_five_metrics(models, tmp_path, paper_prompts):
     """scripts/eval/test_sd15.sh on the tiny SD1.5 model with part B's tiny scorer weights (same
     loading path as the real ones): generation beside unet.pth, all five metrics per set, and the
     combined summary at the end."""
@@ -520,7 +519,7 @@ def test_sd15_script_end_to_end_with_five_metrics(models, tmp_path):
         NUM_PROCESSES="1",
         DEVICE="cpu",
         PROMPTS_DIR=str(tmp_path / "prompts"),
-        PROMPTS_FROM=str(SHARED_PROMPTS),
+        PROMPTS_FROM=str(paper_prompts),
     )
     script = Path(G.__file__).resolve().parent.parent / "scripts/eval/test_sd15.sh"
     r = subprocess.run(

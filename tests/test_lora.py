@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from sdpo.families import get_family
-
 from sdpo.lora import (
     LORA_WEIGHT_NAME,
     AdapterDisabledReference,
@@ -20,7 +19,7 @@ from sdpo.lora import (
     save_lora,
 )
 from sdpo.losses import LOSSES
-from sdpo.tiny import build_tiny_sd15
+from sdpo.testing.tiny import build_tiny_sd15
 from tests.train_fixtures import load_tiny_parts
 
 

@@ -10,11 +10,9 @@ from pathlib import Path
 from urllib.error import URLError
 
 import pytest
-from conftest import SHARED_PROMPTS
 
 import eval.prompts as P
 
-SHARED = SHARED_PROMPTS  # local copies of the paper's files (read-only source)
 COUNTS = {"papv2": 487, "hpsv2": 3200, "partiprompts": 1632}
 
 
@@ -22,9 +20,9 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_fetch_from_local_folder_writes_verified_files(tmp_path):
+def test_fetch_from_local_folder_writes_verified_files(tmp_path, paper_prompts):
     dest = tmp_path / "prompts"
-    cfg = P.parse_args(["fetch", "--from", str(SHARED), "--dest", str(dest)])
+    cfg = P.parse_args(["fetch", "--from", str(paper_prompts), "--dest", str(dest)])
     assert cfg.sets == ["papv2", "hpsv2", "partiprompts"]
     paths = P.main(cfg)
     assert sorted(p.name for p in dest.iterdir()) == [
@@ -41,16 +39,22 @@ def test_fetch_from_local_folder_writes_verified_files(tmp_path):
     # A second fetch keeps verified files untouched; a damaged one is replaced by a good copy.
     before = (dest / "papv2.json").stat().st_mtime_ns
     (dest / "hpsv2.json").write_text("[]")
-    P.fetch(["papv2", "hpsv2"], dest=dest, source_dir=SHARED)
+    P.fetch(["papv2", "hpsv2"], dest=dest, source_dir=paper_prompts)
     assert (dest / "papv2.json").stat().st_mtime_ns == before
     assert _sha(dest / "hpsv2.json") == P.PAPER_SETS["hpsv2"]
 
 
-def test_checksum_mismatch_names_file_and_both_hashes_and_writes_nothing(tmp_path):
+def test_checksum_mismatch_names_file_and_both_hashes_and_writes_nothing(
+    tmp_path, monkeypatch, synthetic_prompts
+):
+    # Synthetic files with their own sums as the expected ones: the real files are not needed
+    # to check that one bad file fails the whole fetch.
+    shared, sums = synthetic_prompts
+    monkeypatch.setattr(P, "PAPER_SETS", sums)
     src = tmp_path / "src"
     src.mkdir()
     for name in P.PAPER_SETS:
-        shutil.copy(SHARED / f"{name}.json", src / f"{name}.json")
+        shutil.copy(shared / f"{name}.json", src / f"{name}.json")
     data = json.loads((src / "hpsv2.json").read_text())
     data[5]["prompt"] += "!"  # one edited prompt
     (src / "hpsv2.json").write_text(json.dumps(data, indent=2))
@@ -64,13 +68,15 @@ def test_checksum_mismatch_names_file_and_both_hashes_and_writes_nothing(tmp_pat
     assert not dest.exists() or list(dest.iterdir()) == []
 
 
-def test_download_uses_raw_github_url_and_verifies(tmp_path, monkeypatch):
+def test_download_uses_raw_github_url_and_verifies(tmp_path, monkeypatch, synthetic_prompts):
+    shared, sums = synthetic_prompts
+    monkeypatch.setattr(P, "PAPER_SETS", sums)  # verified against the synthetic file's sum
     asked = []
 
     def fake_urlopen(url, timeout=None):
         asked.append(url)
         name = url.rsplit("/", 1)[-1]
-        return io.BytesIO((SHARED / name).read_bytes())
+        return io.BytesIO((shared / name).read_bytes())
 
     monkeypatch.setattr(P, "urlopen", fake_urlopen)
     paths = P.fetch(["papv2"], dest=tmp_path)
@@ -137,8 +143,12 @@ def test_load_prompt_formats(tmp_path):
 def test_builtin_smoke_set():
     prompts = P.load_prompts("smoke")
     assert 12 <= len(prompts) <= 32 and len(set(prompts)) == len(prompts)
+
+
+def test_smoke_set_is_not_from_the_paper(paper_prompts):
     # the smoke set is our own, not a slice of the paper's files
+    prompts = P.load_prompts("smoke")
     paper = set()
     for name in P.PAPER_SETS:
-        paper |= set(P.load_prompts(SHARED / f"{name}.json"))
+        paper |= set(P.load_prompts(paper_prompts / f"{name}.json"))
     assert not paper & set(prompts)

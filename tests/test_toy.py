@@ -1,4 +1,5 @@
-"""The CPU toy demo (sdpo/toy.py): its pieces, and a reduced end-to-end run through train.py."""
+"""The CPU toy demo (experiments/toy/): its pieces, and a reduced end-to-end run through the
+training loop."""
 
 from __future__ import annotations
 
@@ -8,17 +9,18 @@ import json
 import numpy as np
 import pytest
 
-from sdpo import toy
+from experiments.toy import config, report, runs, task
+from experiments.toy.__main__ import main
 
 
 def test_pairs_follow_pickapic_schema_and_preference(tmp_path):
-    rows = toy.make_pairs(12, size=16, seed=3)
-    path = toy.write_parquet(rows, tmp_path / "d" / "pairs.parquet")
-    back = toy.load_pairs(path.parent)
+    rows = task.make_pairs(12, size=16, seed=3)
+    path = task.write_parquet(rows, tmp_path / "d" / "pairs.parquet")
+    back = task.load_pairs(path.parent)
     assert len(back) == 12
     assert {"jpg_0", "jpg_1", "label_0", "caption"} <= set(back[0])
     assert {r["label_0"] for r in back} == {0.0, 1.0}  # both orders occur: the swap is exercised
-    winners, losers, captions = toy.winner_loser_arrays(back)
+    winners, losers, captions = task.winner_loser_arrays(back)
     assert winners.shape == losers.shape == (12, 3, 16, 16)
     assert winners.min() >= -1.0 and winners.max() <= 1.0
     assert all(c.startswith("a ") and c.endswith(" background") for c in captions)
@@ -29,17 +31,17 @@ def test_pairs_follow_pickapic_schema_and_preference(tmp_path):
         hf_l = np.abs(np.diff(lo, axis=-1)).mean()
         assert (hf_l > hf_w) if row["loser_kind"] == "noisy" else (hf_l < hf_w)
     # Same seed, same data (the demo's runs share one dataset).
-    assert toy.make_pairs(3, size=16, seed=3)[0]["jpg_0"] == rows[0]["jpg_0"]
+    assert task.make_pairs(3, size=16, seed=3)[0]["jpg_0"] == rows[0]["jpg_0"]
 
 
 def test_bad_settings_fail_before_work():
     with pytest.raises(SystemExit):
-        toy.parse_args(["--beta", "dspo=-1"])
+        config.parse_args(["--beta", "dspo=-1"])
     with pytest.raises(SystemExit):
-        toy.parse_args(["--methods", "ppo"])
+        config.parse_args(["--methods", "ppo"])
     with pytest.raises(SystemExit):
-        toy.parse_args(["--loser_kinds", "ugly"])
-    cfg = toy.parse_args(["--beta", "2000", "dspo=0.5", "--mu", "0.5"])
+        config.parse_args(["--loser_kinds", "ugly"])
+    cfg = config.parse_args(["--beta", "2000", "dspo=0.5", "--mu", "0.5"])
     assert cfg.betas == {"diffusion-dpo": 2000.0, "dspo": 0.5, "dmpo": 2000.0}
     assert set(cfg.mus.values()) == {0.5}
 
@@ -52,19 +54,19 @@ def test_heldout_metrics_sign_conventions():
     ref = target + 0.5 * torch.randn(target.shape, generator=g)
     worse_losers = ref.clone()
     worse_losers[:, 4:] += 0.3  # the policy got worse on losers only: margin > 0
-    m = toy.heldout_metrics(worse_losers, ref, target, mu=0.0)
+    m = runs.heldout_metrics(worse_losers, ref, target, mu=0.0)
     assert m["winner_diff"] == pytest.approx(0.0, abs=1e-7)
     assert m["loser_diff"] > 0 and m["margin"] == pytest.approx(m["loser_diff"])
     assert m["implicit_acc"] == 1.0
-    same = toy.heldout_metrics(ref, ref, target, mu=0.0)
+    same = runs.heldout_metrics(ref, ref, target, mu=0.0)
     assert same["margin"] == 0.0 and same["implicit_acc"] == 0.0  # u > 0 strictly, as logged
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
-    cfg = toy.parse_args(["--outdir", str(out), "--quick"])
-    curves = toy.main(cfg)
+    cfg = config.parse_args(["--outdir", str(out), "--quick"])
+    curves = main(cfg)
     return out, cfg, curves
 
 
@@ -76,16 +78,16 @@ def test_quick_run_writes_curves_plots_and_summary(quick_run):
     assert on_disk["final"] == curves["final"]
     assert set(on_disk) >= {"settings", "reference", "runs", "aggregate", "final"}
     n_points = cfg.steps // cfg.eval_every + 1  # step 0 (the SFT start) and every checkpoint
-    assert len(on_disk["runs"]) == len(toy.METHODS) * 2 * cfg.seeds
+    assert len(on_disk["runs"]) == len(config.METHODS) * 2 * cfg.seeds
     for run in on_disk["runs"].values():
         assert run["heldout"]["step"] == list(range(0, cfg.steps + 1, cfg.eval_every))
-        for key in toy.HELDOUT_KEYS:
+        for key in report.HELDOUT_KEYS:
             assert len(run["heldout"][key]) == n_points
         assert run["heldout"]["winner_diff"][0] == 0.0  # the start is the reference
         assert len(run["train"]["loss"]) == cfg.steps  # one train_log.jsonl row per step
-        assert (out / "runs" / toy.run_name(run["method"], run["safeguard"], run["seed"])
+        assert (out / "runs" / runs.run_name(run["method"], run["safeguard"], run["seed"])
                 / "unet.pth").is_file()  # fmt: skip
-    for method in toy.METHODS:
+    for method in config.METHODS:
         for setting in ("off", "on"):
             band = on_disk["aggregate"][method][setting]["winner_diff"]
             assert set(band) == {"mean", "std", "min", "max"}
@@ -96,7 +98,7 @@ def test_quick_run_writes_curves_plots_and_summary(quick_run):
             assert img.size[0] > 600 and img.size[1] > 400
     summary = (out / "summary.md").read_text()
     assert "| method | β | safeguard (μ) |" in summary
-    for method in toy.METHODS:
+    for method in config.METHODS:
         assert f"| {method} | " in summary
 
 
@@ -109,7 +111,7 @@ def test_quick_run_goes_through_the_trainer_and_the_safeguard(quick_run):
             assert (lam < 1.0).all()
         else:
             assert (lam == 1.0).all()
-        log = (out / "runs" / toy.run_name(run["method"], run["safeguard"], run["seed"])
+        log = (out / "runs" / runs.run_name(run["method"], run["safeguard"], run["seed"])
                / "train_log.jsonl").read_text().splitlines()  # fmt: skip
         assert json.loads(log[-1])["step"] == cfg.steps
 
@@ -128,7 +130,7 @@ def test_safeguard_keeps_the_winner_error_below_plain_training(quick_run):
     """
     _, _, curves = quick_run
     final = {(r["method"], r["safeguard"]): r for r in curves["final"]}
-    for method in toy.METHODS:
+    for method in config.METHODS:
         guarded, plain = final[(method, True)], final[(method, False)]
         assert guarded["winner_diff_mean"] < plain["winner_diff_mean"], method
     for method in ("diffusion-dpo", "dmpo"):
@@ -145,6 +147,6 @@ def test_summary_numbers_match_the_curves(quick_run):
 def test_jpeg_bytes_decode_to_the_drawn_picture():
     from PIL import Image
 
-    img = toy.draw_scene("red", "circle", "blue", (0.5, 0.5), 0.3, 16)
-    back = np.asarray(Image.open(io.BytesIO(toy._jpeg_bytes(img))).convert("RGB"), np.float32)
+    img = task.draw_scene("red", "circle", "blue", (0.5, 0.5), 0.3, 16)
+    back = np.asarray(Image.open(io.BytesIO(task._jpeg_bytes(img))).convert("RGB"), np.float32)
     assert np.abs(back - np.asarray(img, np.float32)).mean() < 6.0

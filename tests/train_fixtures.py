@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def build_models(root: Path) -> dict[str, Path]:
     """Tiny SD1.5- and SDXL-style pipeline folders under ``root``."""
-    from sdpo.tiny import build_tiny_sd15, build_tiny_sdxl
+    from sdpo.testing.tiny import build_tiny_sd15, build_tiny_sdxl
 
     return {"sd15": build_tiny_sd15(root / "sd15"), "sdxl": build_tiny_sdxl(root / "sdxl")}
 

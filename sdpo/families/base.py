@@ -425,5 +425,20 @@ class ModelFamily:
 
     # --- generation ----------------------------------------------------------------------------
     def pipeline_kwargs(self) -> dict:
-        """Extra keyword arguments of the pipeline's ``from_pretrained``."""
+        """Extra keyword arguments of the pipeline's ``from_pretrained`` (and constructor)."""
         return {}
+
+    def pipeline_from_parts(self, parts: ModelParts, scheduler=None):
+        """The family's diffusers pipeline around in-memory parts (the bench, tests); the
+        scheduler defaults to the evaluation scheduler built from the training schedule."""
+        import diffusers
+
+        if scheduler is None:
+            scheduler_cls = getattr(diffusers, self.eval_scheduler_class_name)
+            scheduler = scheduler_cls.from_config(parts.noise_scheduler.config)
+        kwargs = {self.denoiser_subfolder: parts.unet, "vae": parts.vae, "scheduler": scheduler}
+        for i, (encoder, tokenizer) in enumerate(zip(parts.text_encoders, parts.tokenizers)):
+            suffix = "" if i == 0 else f"_{i + 1}"  # diffusers' names: text_encoder, text_encoder_2
+            kwargs[f"text_encoder{suffix}"] = encoder
+            kwargs[f"tokenizer{suffix}"] = tokenizer
+        return self.pipeline_class()(**kwargs, **self.pipeline_kwargs())

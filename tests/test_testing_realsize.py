@@ -1,32 +1,32 @@
-"""Real-size architectures: parameter counts against the published models, fast random init,
-FLOP counting."""
+"""Real-size architectures (sdpo.testing): parameter counts against the published models, fast
+random init."""
 
 import pytest
 import torch
 
-from sdpo import arch
+from sdpo.testing import configs, realsize
 
 
 @pytest.mark.parametrize(
     "name, build",
     [
-        ("sd15_unet", lambda: arch.build_unet("sd15")),
-        ("sd15_vae", lambda: arch.build_vae("sd15")),
-        ("clip_l_text", lambda: arch.build_text_encoders("sd15")[0]),
-        ("sdxl_unet", lambda: arch.build_unet("sdxl")),
-        ("sdxl_vae", lambda: arch.build_vae("sdxl")),
-        ("openclip_bigg_text", lambda: arch.build_text_encoders("sdxl")[1]),
+        ("sd15_unet", lambda: realsize.build_unet("sd15")),
+        ("sd15_vae", lambda: realsize.build_vae("sd15")),
+        ("clip_l_text", lambda: realsize.build_text_encoders("sd15")[0]),
+        ("sdxl_unet", lambda: realsize.build_unet("sdxl")),
+        ("sdxl_vae", lambda: realsize.build_vae("sdxl")),
+        ("openclip_bigg_text", lambda: realsize.build_text_encoders("sdxl")[1]),
     ],
 )
 def test_parameter_counts_match_the_published_models(name, build):
     model = build()  # meta device: shapes only, no memory
     assert next(model.parameters()).device.type == "meta"
-    assert arch.count_params(model) == arch.EXPECTED_PARAMS[name]
+    assert realsize.count_params(model) == configs.EXPECTED_PARAMS[name]
 
 
 def test_published_sizes_in_millions():
     # The numbers the issue states: SD1.5 UNet 859.5 M, VAE 83.7 M, CLIP-L 123.1 M, SDXL ~2.6 B.
-    p = {k: v / 1e6 for k, v in arch.EXPECTED_PARAMS.items()}
+    p = {k: v / 1e6 for k, v in configs.EXPECTED_PARAMS.items()}
     assert round(p["sd15_unet"], 1) == 859.5
     assert round(p["sd15_vae"], 1) == 83.7
     assert round(p["clip_l_text"], 1) == 123.1
@@ -36,11 +36,11 @@ def test_published_sizes_in_millions():
 def test_random_init_is_deterministic_bounded_and_fills_buffers():
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = CLIPTextConfig(**{**arch.CLIP_L_TEXT, "num_hidden_layers": 1})
+    config = CLIPTextConfig(**{**configs.CLIP_L_TEXT, "num_hidden_layers": 1})
     with torch.device("meta"):
         a, b = CLIPTextModel(config), CLIPTextModel(config)
-    a = arch.random_init_(a.to_empty(device="cpu"), seed=3)
-    b = arch.random_init_(b.to_empty(device="cpu"), seed=3)
+    a = realsize.random_init_(a.to_empty(device="cpu"), seed=3)
+    b = realsize.random_init_(b.to_empty(device="cpu"), seed=3)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), name
         assert torch.isfinite(pa).all()
@@ -49,28 +49,13 @@ def test_random_init_is_deterministic_bounded_and_fills_buffers():
             assert pa.std() > 0.2 / pa.shape[1] ** 0.5  # really random, not zeros
     (ids,) = [buf for name, buf in a.named_buffers() if name.endswith("position_ids")]
     assert torch.equal(ids[0], torch.arange(77))
-    c = arch.random_init_(CLIPTextModel(config), seed=4)
+    c = realsize.random_init_(CLIPTextModel(config), seed=4)
     fc1 = [n for n, _ in a.named_parameters() if n.endswith("fc1.weight")][0]
     assert not torch.equal(c.get_parameter(fc1), a.get_parameter(fc1))
     out = a(torch.tensor([[512, 40, 41, 513]])).last_hidden_state
     assert torch.isfinite(out).all()
 
 
-def test_unet_flops_sd15_at_512():
-    unet = arch.build_unet("sd15")
-    fwd = arch.unet_flops_per_image(unet, 512)
-    fwd_bwd = arch.unet_flops_per_image(unet, 512, backward=True)
-    # The issue's measurement: ~0.80 TFLOP per image per forward; backward ~ 2x forward.
-    assert 0.79e12 < fwd < 0.81e12
-    assert 2.9 < fwd_bwd / fwd < 3.1
-    # LoRA: no weight gradients of the frozen base, so the backward costs about one forward.
-    from sdpo.lora import add_lora
-
-    add_lora(unet, 8)
-    lora = arch.unet_flops_per_image(unet, 512, backward=True)
-    assert 1.8 < lora / fwd < 2.3
-
-
 def test_unknown_family_is_refused():
     with pytest.raises(ValueError, match="family"):
-        arch.build_unet("sd3")
+        realsize.build_unet("sd3")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from sdpo.testing.configs import SD_SCHEDULER
+
 # Byte-to-unicode table of GPT-2/CLIP BPE: the 256 printable stand-ins for raw bytes.
 
 
@@ -89,8 +91,6 @@ def _vae(block_out_channels=(32, 64)):
 def _scheduler():
     # The real SD1.5 / SDXL training schedule, so the tiny models are noised like the real ones.
     from diffusers import DDPMScheduler
-
-    from sdpo.arch import SD_SCHEDULER
 
     return DDPMScheduler(**SD_SCHEDULER)
 
