@@ -132,12 +132,12 @@ def parse(
     check: Callable[[Any], Any] | None = None,
 ):
     """Parse ``argv`` into ``cls``. ``finish(cfg, namespace)`` may fill fields from extra flags;
-    ``check(cfg)`` validates (and may return a resolved config); a ``ValueError`` from either is
-    reported as one usage error (exit status 2)."""
+    ``check(cfg)`` validates (and may return a resolved config); a ``ValueError`` from them or
+    from the dataclass's own ``__post_init__`` is reported as one usage error (exit status 2)."""
     parser = build_parser(cls, prog=prog, description=description, epilog=epilog, extend=extend)
     namespace = parser.parse_args(argv)
-    cfg = from_namespace(cls, namespace)
     try:
+        cfg = from_namespace(cls, namespace)  # a dataclass may validate in __post_init__
         if finish is not None:
             cfg = finish(cfg, namespace) or cfg
         if check is not None:

@@ -66,7 +66,7 @@ def _train(cfg: TrainConfig) -> dict:
 
     # 1. Everything that can be wrong is checked before weights or images load.
     validate(resolve(cfg))
-    source = ModelSource.from_flags(cfg)
+    source = ModelSource.from_flags(cfg, denoiser_init=cfg.unet_init)
     family = check_family(source, flags={"sdxl": cfg.sdxl})  # reads only the configs
     out = Path(cfg.output_dir)
     resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, out)

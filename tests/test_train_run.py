@@ -244,7 +244,8 @@ def test_unet_init_from_state_dict_and_folder(env, tmp_path):
     from sdpo.families import ModelSource, get_family
 
     def load_unet(cfg):
-        return get_family("sd15").load_denoiser(ModelSource.from_flags(cfg))
+        source = ModelSource.from_flags(cfg, denoiser_init=cfg.unet_init)
+        return get_family("sd15").load_denoiser(source)
 
     model = env["models"]["sd15"]
     start = env["start"]["sd15"]

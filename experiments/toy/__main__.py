@@ -14,11 +14,11 @@ from experiments.toy.runs import (
     run_jobs,
     run_name,
 )
+from sdpo import io
 
 
 def main(cfg: ToyConfig) -> dict:
     """Run the whole demo; returns the curves dict also written to ``outdir/curves.json``."""
-    import json
     import os
     import time
 
@@ -58,9 +58,7 @@ def main(cfg: ToyConfig) -> dict:
         "final": table,
         "seconds": seconds,
     }  # fmt: skip
-    tmp = outdir / "curves.json.tmp"
-    tmp.write_text(json.dumps(curves, indent=1))
-    tmp.replace(outdir / "curves.json")
+    io.write_json(outdir / "curves.json", curves)
     plot_curves(agg, outdir)
     summary = write_summary(cfg, table, curves["reference"], outdir, seconds)
     print(summary.read_text(), flush=True)

@@ -3,9 +3,10 @@ per-method β / μ defaults, and :func:`parse_args`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 from experiments.toy.task import DEFAULT_LOSER_KINDS, LOSER_KINDS
+from sdpo.cli import arg, parse
 
 METHODS = ("diffusion-dpo", "dspo", "dmpo")
 # β and μ per method. μ: the paper's SD1.5 recipes. β: see
@@ -36,49 +37,32 @@ def _per_method(values: list[str] | None, defaults: dict[str, float], flag: str)
 class ToyConfig:
     """Settings of the toy demo; field names are the command-line flags (``--name``)."""
 
-    outdir: str = field(default="runs/toy", metadata={"help": "Output folder (resumable)."})
-    seeds: int = field(default=3, metadata={"help": "Training seeds per method x safeguard."})
-    steps: int = field(default=100, metadata={"help": "Preference-training steps per run."})
-    beta: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "β: one number for all methods, or METHOD=VALUE (repeatable).",
-            "nargs": "+",
-        },
+    outdir: str = arg("runs/toy", "Output folder (resumable).")
+    seeds: int = arg(3, "Training seeds per method x safeguard.")
+    steps: int = arg(100, "Preference-training steps per run.")
+    beta: list[str] | None = arg(
+        None, "β: one number for all methods, or METHOD=VALUE (repeatable)."
     )
-    mu: list[str] | None = field(
-        default=None,
-        metadata={"help": "Safeguard μ: one number, or METHOD=VALUE (repeatable).", "nargs": "+"},
+    mu: list[str] | None = arg(None, "Safeguard μ: one number, or METHOD=VALUE (repeatable).")
+    lr: float = arg(3e-4, "Learning rate of the preference runs.")
+    methods: list[str] = arg(
+        default_factory=lambda: list(METHODS), help="Preference objectives to run."
     )
-    lr: float = field(default=3e-4, metadata={"help": "Learning rate of the preference runs."})
-    methods: list[str] = field(
-        default_factory=lambda: list(METHODS),
-        metadata={"help": "Preference objectives to run.", "nargs": "+"},
-    )
-    batch_pairs: int = field(default=8, metadata={"help": "Pairs per step."})
-    eval_every: int = field(default=20, metadata={"help": "Checkpoint / evaluate every N steps."})
-    sft_steps: int = field(default=250, metadata={"help": "Steps of the SFT phase (the start)."})
-    sft_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the SFT phase."})
-    train_pairs: int = field(default=512, metadata={"help": "Training pairs generated."})
-    heldout_pairs: int = field(default=128, metadata={"help": "Held-out pairs generated."})
-    eval_draws: int = field(
-        default=2, metadata={"help": "Fixed (noise, timestep) draws per held-out pair."}
-    )
-    image_size: int = field(default=16, metadata={"help": "Image side in pixels (latents: /2)."})
-    loser_kinds: list[str] = field(
+    batch_pairs: int = arg(8, "Pairs per step.")
+    eval_every: int = arg(20, "Checkpoint / evaluate every N steps.")
+    sft_steps: int = arg(250, "Steps of the SFT phase (the start).")
+    sft_lr: float = arg(1e-3, "Learning rate of the SFT phase.")
+    train_pairs: int = arg(512, "Training pairs generated.")
+    heldout_pairs: int = arg(128, "Held-out pairs generated.")
+    eval_draws: int = arg(2, "Fixed (noise, timestep) draws per held-out pair.")
+    image_size: int = arg(16, "Image side in pixels (latents: /2).")
+    loser_kinds: list[str] = arg(
         default_factory=lambda: list(DEFAULT_LOSER_KINDS),
-        metadata={"help": f"How losers are worse than winners: {LOSER_KINDS}.", "nargs": "+"},
+        help=f"How losers are worse than winners: {LOSER_KINDS}.",
     )
-    workers: int = field(
-        default=2, metadata={"help": "Parallel training processes (1 thread each)."}
-    )
-    keep_checkpoints: bool = field(
-        default=False, metadata={"help": "Keep checkpoint-N/ folders after evaluating them."}
-    )
-    quick: bool = field(
-        default=False,
-        metadata={"help": "Seconds-long smoke version (tests): 1 seed, few steps, less data."},
-    )
+    workers: int = arg(2, "Parallel training processes (1 thread each).")
+    keep_checkpoints: bool = arg(False, "Keep checkpoint-N/ folders after evaluating them.")
+    quick: bool = arg(False, "Seconds-long smoke version (tests): 1 seed, few steps, less data.")
 
     def __post_init__(self):
         if self.quick:
@@ -128,27 +112,8 @@ class ToyConfig:
 
 def parse_args(argv: list[str] | None = None) -> ToyConfig:
     """Command line -> :class:`ToyConfig` (bad values exit with argparse's error)."""
-    import argparse
-
     from experiments import toy
 
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.toy", description=toy.__doc__.split("\n\n")[0]
+    return parse(
+        ToyConfig, argv, prog="python -m experiments.toy", description=toy.__doc__.split("\n\n")[0]
     )
-    defaults = ToyConfig()
-    for f in fields(ToyConfig):
-        kw = {"help": f.metadata["help"]}
-        if f.type in ("bool", bool):
-            parser.add_argument(f"--{f.name}", action="store_true", **kw)
-            continue
-        value = getattr(defaults, f.name)
-        if "nargs" in f.metadata:
-            kw.update(nargs=f.metadata["nargs"], type=str)
-        else:
-            kw["type"] = type(value)
-        parser.add_argument(f"--{f.name}", default=value, **kw)
-    ns = parser.parse_args(argv)
-    try:
-        return ToyConfig(**vars(ns))
-    except ValueError as err:
-        parser.error(str(err))

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.toy.config import ToyConfig
+from sdpo import io
 
 HELDOUT_KEYS = ("winner_diff", "loser_diff", "margin", "implicit_acc", "winner_err", "loser_err",
                 "heldout_lambda")  # fmt: skip
@@ -137,11 +138,8 @@ def plot_curves(agg: dict, outdir: Path) -> list[Path]:
             fontsize=10,
         )
         fig.tight_layout()
-        path = outdir / name
-        tmp = outdir / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=90)
+        path = io.atomic_write(outdir / name, lambda tmp, f=fig: f.savefig(tmp, dpi=90, format="png"))
         plt.close(fig)
-        tmp.replace(path)
         written.append(path)
     return written
 
@@ -207,8 +205,4 @@ def write_summary(
         "margin, implicit accuracy, λ). All curves: `curves.json`.",
         "",
     ]
-    path = outdir / "summary.md"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    return path
+    return io.write_text(outdir / "summary.md", "\n".join(lines))

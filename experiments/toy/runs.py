@@ -9,6 +9,7 @@ from pathlib import Path
 from experiments.toy.config import DMPO_ALPHA, ToyConfig
 from experiments.toy.model import build_toy_model
 from experiments.toy.task import load_pairs, make_pairs, winner_loser_arrays, write_parquet
+from sdpo import io
 
 # ---------------------------------------------------------------------------------------------
 # Training through the loop train.py runs
@@ -103,13 +104,9 @@ def prepare(cfg: ToyConfig) -> dict[str, Path]:
         rows = make_pairs(cfg.heldout_pairs, size=cfg.image_size, seed=2, loser_kinds=kinds)
         write_parquet(rows, paths["heldout"] / "pairs.parquet")
     if not (paths["model"] / "model_index.json").exists():
-        import shutil
-
-        tmp = root / "model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         winners, _, _ = winner_loser_arrays(load_pairs(paths["train"]))
-        build_toy_model(tmp, winners, image_size=cfg.image_size)
-        tmp.rename(paths["model"])
+        with io.atomic_dir(paths["model"]) as tmp:
+            build_toy_model(tmp, winners, image_size=cfg.image_size)
     if not (paths["sft"] / "unet.pth").exists():
         # SFT on the preferred images (train.py's --train_method sft), from the random UNet.
         run_train(
@@ -157,7 +154,7 @@ def build_heldout(cfg: ToyConfig, paths: dict[str, Path]) -> Path:
         )
     )  # fmt: skip
     # The same VAE, text encoder and scheduler training uses.
-    source = ModelSource.from_flags(tcfg)
+    source = ModelSource.from_flags(tcfg, denoiser_init=tcfg.unet_init)
     parts = check_family(source).load_parts(source, resolution=tcfg.resolution)
     parts.freeze_and_place("cpu", torch.float32)
     ref = parts.unet.eval()
@@ -167,9 +164,7 @@ def build_heldout(cfg: ToyConfig, paths: dict[str, Path]) -> Path:
     for r in rows:
         w, lo = (r["jpg_0"], r["jpg_1"]) if r["label_0"] == 1 else (r["jpg_1"], r["jpg_0"])
         for img, bucket in ((w, winners), (lo, losers)):
-            bucket.append(
-                transform_image(decode_image(img), tcfg.resolution, gen)
-            )
+            bucket.append(transform_image(decode_image(img), tcfg.resolution, gen))
         captions.append(r["caption"])
     with torch.no_grad():
         pixels = torch.stack(winners + losers)
@@ -189,10 +184,7 @@ def build_heldout(cfg: ToyConfig, paths: dict[str, Path]) -> Path:
         "noisy": noisy, "timesteps": t, "target": noise, "cond": cond, "ref_pred": ref_pred,
         "captions": captions, "loser_kind": [r.get("loser_kind", "") for r in rows],
     }  # fmt: skip
-    tmp = out.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(out)
-    return out
+    return io.save_torch(payload, out)
 
 
 def _predict(unet, noisy, timesteps, cond):
@@ -323,9 +315,7 @@ def _one_run(job: dict) -> dict:
 
         for _, ckpt_dir in list_checkpoints(run_dir):
             shutil.rmtree(ckpt_dir)
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(curves))
-    tmp.replace(done)
+    io.write_json(done, curves, indent=None)
     final = {k: curves["heldout"][k][-1] for k in ("winner_diff", "loser_diff", "margin")}
     print(
         f"[toy] {run_dir.name}: winner {final['winner_diff'] * 1e3:+.1f}e-3, loser "

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sdpo import io as sdpo_io
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -128,11 +130,8 @@ def write_parquet(rows: list[dict], path: Path) -> Path:
     """Write rows atomically as one parquet file."""
     import pandas as pd
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    pd.DataFrame(rows).to_parquet(tmp, index=False)
-    tmp.replace(path)
-    return path
+    frame = pd.DataFrame(rows)
+    return sdpo_io.atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def load_pairs(folder: Path) -> list[dict]:

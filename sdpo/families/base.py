@@ -53,15 +53,16 @@ class ModelSource:
     denoiser_init: str = ""
 
     @classmethod
-    def from_flags(cls, cfg) -> ModelSource:
-        """From an object with the training flags' names (``pretrained_model_name_or_path``,
-        ``revision``, ``cache_dir``, ``pretrained_vae_model_name_or_path``, ``unet_init``)."""
+    def from_flags(cls, cfg, *, denoiser_init: str = "") -> ModelSource:
+        """From the model and data flags shared by ``train.py`` and the cache tool
+        (``pretrained_model_name_or_path``, ``revision``, ``cache_dir``,
+        ``pretrained_vae_model_name_or_path``); ``denoiser_init``: ``--unet_init``."""
         return cls(
             name_or_path=cfg.pretrained_model_name_or_path,
-            revision=getattr(cfg, "revision", None),
-            cache_dir=getattr(cfg, "cache_dir", None),
-            vae=getattr(cfg, "pretrained_vae_model_name_or_path", None),
-            denoiser_init=getattr(cfg, "unet_init", "") or "",
+            revision=cfg.revision,
+            cache_dir=cfg.cache_dir,
+            vae=cfg.pretrained_vae_model_name_or_path,
+            denoiser_init=denoiser_init or "",
         )
 
 
