@@ -83,12 +83,14 @@ def _read_json(source: ModelSource, filename: str) -> dict | None:
         path = local / filename
         return json.loads(path.read_text()) if path.is_file() else None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         path = hf_hub_download(
             source.name_or_path, filename, revision=source.revision, cache_dir=source.cache_dir
         )
+    except LocalEntryNotFoundError:
+        raise  # offline and not in the cache: not the same as "the repository has no such file"
     except EntryNotFoundError:
         return None
     return json.loads(Path(path).read_text())
