@@ -183,8 +183,6 @@ class TrainConfig(DataFlags, ModelFlags):
     channels_last: bool = _f(False, "NHWC memory format for the UNet(s).")
     torch_compile: bool = _f(False, "torch.compile the policy (and reference) UNet.")
     use_fused_adam: bool = _f(False, "The fused CUDA AdamW kernel (needs a GPU).")
-    # Set by resolve(), not a flag: Adafactor chosen by --sdxl rather than by --use_adafactor.
-    adafactor_implied: bool = _f(False, "", cli=False)
 
     @property
     def optimizer_name(self) -> str:
@@ -198,7 +196,7 @@ class TrainConfig(DataFlags, ModelFlags):
         """The gradient-clipping norm, or 0 (no clipping): the reference never clips with an
         explicit --use_adafactor (Adafactor clips its own update, clip_threshold 1), but does
         clip when --sdxl picked Adafactor."""
-        if self.use_adafactor and not self.adafactor_implied:
+        if self.use_adafactor and not getattr(self, "_adafactor_from_sdxl", False):
             return 0.0
         return self.max_grad_norm
 
@@ -222,7 +220,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         # asked for explicitly) Adafactor, to fit the 2.6 B-parameter UNet.
         cfg.gradient_checkpointing = True
         if not cfg.use_8bit_adam and not cfg.use_adafactor:
-            cfg.use_adafactor = cfg.adafactor_implied = True
+            cfg.use_adafactor = True
+            cfg._adafactor_from_sdxl = True  # not a flag: clip_norm tells the two apart
     if isinstance(cfg.resume_from_checkpoint, str) and cfg.resume_from_checkpoint.lower() in (
         "",
         "none",
