@@ -104,7 +104,26 @@ class TrainConfig(DataFlags, ModelFlags):
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_weight_decay: float = _f(1e-2, "AdamW / Adafactor weight decay.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables clipping).")
+    max_grad_norm: float = _f(
+        1.0,
+        "Gradient clipping norm (0 disables clipping; as the reference, an explicit "
+        "--use_adafactor never clips).",
+    )
+    max_nonfinite_steps: int = _f(
+        5,
+        "Optimizer steps with a NaN/Inf loss or gradient norm (on any process) are skipped; "
+        "stop the run after this many in a row.",
+    )
+    noise_offset: float = _f(
+        0.0,
+        "Offset noise: add noise_offset x N(0, 1) per (image, channel) to ε, the same for "
+        "a pair's winner and loser (0: off).",
+    )
+    input_perturbation: float = _f(
+        0.0,
+        "Input perturbation: noise the latents with ε + input_perturbation x N(0, 1) while "
+        "the target stays ε, the same perturbation for a pair's winner and loser (0: off).",
+    )
     mixed_precision: str = _f(
         "fp16", "Autocast precision (fp16 needs a GPU; use 'no' on CPU).", choices=MIXED_PRECISION
     )
@@ -120,6 +139,16 @@ class TrainConfig(DataFlags, ModelFlags):
     logging_dir: str = _f("logs", "Tracker folder, relative to --output_dir.")
     report_to: str = _f("tensorboard", "Experiment tracker.", choices=REPORT_TO)
     tracker_project_name: str = _f("tuning", "Tracker project / run group name.")
+    log_every: int = _f(
+        10,
+        "When stderr is not a terminal (a log file), print one plain progress line every N "
+        "optimizer steps instead of progress-bar redraws.",
+    )
+    pathology_window: int = _f(
+        50,
+        "Optimizer steps of the pathology alarm's window (winner error rising with the "
+        "loser's, relative to the reference); 0 disables it.",
+    )
     checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N optimizer steps.")
     checkpoints_total_limit: int | None = _f(None, "Keep at most this many checkpoints.")
     resume_from_checkpoint: str | None = _f(
@@ -162,6 +191,15 @@ class TrainConfig(DataFlags, ModelFlags):
             return "adafactor"
         return "adamw8bit" if self.use_8bit_adam else "adamw"
 
+    @property
+    def clip_norm(self) -> float:
+        """The gradient-clipping norm, or 0 (no clipping): the reference never clips with an
+        explicit --use_adafactor (Adafactor clips its own update, clip_threshold 1), but does
+        clip when --sdxl picked Adafactor."""
+        if self.use_adafactor and not getattr(self, "_adafactor_from_sdxl", False):
+            return 0.0
+        return self.max_grad_norm
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``train.py`` parser, generated from :class:`TrainConfig` (same names, defaults, help)."""
@@ -181,8 +219,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         # Reference behaviour: SDXL always trains with checkpointing and (unless 8-bit AdamW is
         # asked for explicitly) Adafactor, to fit the 2.6 B-parameter UNet.
         cfg.gradient_checkpointing = True
-        if not cfg.use_8bit_adam:
+        if not cfg.use_8bit_adam and not cfg.use_adafactor:
             cfg.use_adafactor = True
+            cfg._adafactor_from_sdxl = True  # not a flag: clip_norm tells the two apart
     if isinstance(cfg.resume_from_checkpoint, str) and cfg.resume_from_checkpoint.lower() in (
         "",
         "none",
@@ -221,6 +260,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "num_train_epochs",
         "resolution",
         "checkpointing_steps",
+        "max_nonfinite_steps",
+        "log_every",
     )
     for name in positive:
         if getattr(cfg, name) is None or getattr(cfg, name) <= 0:
@@ -240,9 +281,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             bad(name, f"must be in [0, 1), got {getattr(cfg, name)}")
-    for name in ("adam_weight_decay", "adam_epsilon", "max_grad_norm"):
+    for name in (
+        "adam_weight_decay",
+        "adam_epsilon",
+        "max_grad_norm",
+        "noise_offset",
+        "input_perturbation",
+        "pathology_window",
+    ):
         if getattr(cfg, name) < 0:
             bad(name, f"must be >= 0, got {getattr(cfg, name)}")
+
+    if 0 < cfg.pathology_window < 4:
+        bad("pathology_window", f"must be 0 (off) or at least 4 steps, got {cfg.pathology_window}")
 
     choices = {
         "mixed_precision": MIXED_PRECISION,

@@ -44,6 +44,8 @@ class Preference:
     mu: float = 0.0
     per_pair: bool = False
     sync: bool = False
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
 
     @classmethod
     def from_flags(cls, cfg) -> Preference:
@@ -56,7 +58,39 @@ class Preference:
             mu=cfg.winner_preserving_mu,
             per_pair=cfg.winner_preserving_per_pair,
             sync=cfg.winner_preserving_sync,
+            noise_offset=getattr(cfg, "noise_offset", 0.0),
+            input_perturbation=getattr(cfg, "input_perturbation", 0.0),
         )
+
+
+def perturb_pair_noise(
+    noise: torch.Tensor, generators: list, *, offset: float, perturbation: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(noise, input_noise)`` with the official ``--noise_offset`` and ``--input_perturbation``
+    applied per PAIR: one draw per pair (``noise`` is ``[P, C, ...]``), from the pair's generator
+    after its noise and timestep, so winner and loser keep sharing them.
+
+    * Offset noise (a per-channel constant, ``offset · N(0, 1)`` of shape ``[C, 1, 1]``) becomes
+      part of ε: it is both in the denoiser's input and in the target.
+    * Input perturbation (``perturbation · N(0, 1)`` of ε's shape) enters only the denoiser's
+      input; the target stays ε (Ning et al. 2023, "Input perturbation reduces exposure bias").
+
+    The official script draws the perturbation per image *before* it makes a pair share the
+    winner's noise, so there the loser's input is noised with its own ε while its target is the
+    winner's: here the loser reuses the winner's draws, input and target match. Nothing is drawn
+    when both are 0, so runs without them keep their noise.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    device = noise.device
+    if offset:
+        shape = (noise.shape[0], noise.shape[1], *([1] * (noise.ndim - 2)))
+        noise = noise + offset * randn_tensor(shape, generator=generators, device=device)
+    input_noise = noise
+    if perturbation:
+        draws = randn_tensor(noise.shape, generator=generators, device=device)
+        input_noise = noise + perturbation * draws
+    return noise, input_noise
 
 
 def training_step(
@@ -99,8 +133,16 @@ def training_step(
         # loser's posterior sample, then (the objective) ε, then t.
         latents = parts.latents(posterior, gens * n_images)
         noise, timesteps = parts.objective.draw(gens, latents.shape, device)
-        noise, timesteps = noise.repeat(n_images, 1, 1, 1), timesteps.repeat(n_images)
+        noise, input_noise = perturb_pair_noise(
+            noise, gens, offset=pref.noise_offset, perturbation=pref.input_perturbation
+        )
+        repeat = (n_images, *([1] * (noise.ndim - 1)))
+        noise, timesteps = noise.repeat(*repeat), timesteps.repeat(n_images)
         noisy, target = parts.objective.noisy_and_target(latents, noise, timesteps)
+        if input_noise is not noise:  # input perturbation: the input moves, the target does not
+            noisy, _ = parts.objective.noisy_and_target(
+                latents, input_noise.repeat(*repeat), timesteps
+            )
         cond = _repeat_cond(cond, n_images)
 
     model_pred = family.predict(unet, noisy, timesteps, cond)

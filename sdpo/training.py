@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import random
+import sys
+import time
 from pathlib import Path
 
 from sdpo import io
@@ -28,6 +32,86 @@ def _tracker_config(cfg: TrainConfig) -> dict:
 def _append_log(path: Path, row: dict) -> None:
     with path.open("a") as fh:
         fh.write(json.dumps(row) + "\n")
+
+
+def _finite_or_none(value):
+    """Log rows are strict JSON: a NaN/Inf statistic of a skipped step is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Progress:
+    """A tqdm bar on a terminal; in a log file (stderr not a terminal) one plain line every
+    ``every`` optimizer steps instead of a screenful of bar redraws."""
+
+    def __init__(self, total: int, initial: int, *, enabled: bool, every: int, stream=None):
+        self.total, self.every, self.enabled = total, every, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.start, self.start_step = time.monotonic(), initial
+        self.bar = None
+        if enabled and self.stream.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="steps", file=self.stream)
+
+    def update(self, step: int, row: dict) -> None:
+        if not self.enabled:
+            return
+        loss, lam = row.get("loss"), row.get("loser_scale")
+        if self.bar is not None:
+            post = {"loss": "nan" if loss is None else f"{loss:.4g}"}
+            if lam is not None:
+                post["lam"] = f"{lam:.3f}"
+            if row.get("nonfinite_skipped"):
+                post["skipped"] = row["nonfinite_skipped"]
+            self.bar.update(1)
+            self.bar.set_postfix(post)
+        elif step % self.every == 0 or step == self.total:
+            self.stream.write(self.line(step, row) + "\n")
+            self.stream.flush()
+
+    def line(self, step: int, row: dict) -> str:
+        elapsed = time.monotonic() - self.start
+        per_step = elapsed / max(step - self.start_step, 1)
+        eta = per_step * (self.total - step)
+        parts = [f"step {step}/{self.total}"]
+        for key, label, fmt in (
+            ("loss", "loss", ".4g"),
+            ("implicit_acc", "acc", ".3f"),
+            ("loser_scale", "lambda", ".3f"),
+            ("lr", "lr", ".3g"),
+            ("grad_norm", "grad_norm", ".3g"),
+        ):
+            if key in row:
+                value = row[key]
+                parts.append(f"{label} {'nan' if value is None else format(value, fmt)}")
+        parts.append(f"skipped {row.get('nonfinite_skipped', 0)}")
+        parts.append(f"{per_step:.2f} s/step, eta {_duration(eta)}")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _stop(accelerator, out: Path, message: str) -> None:
+    """End the run on every process with ``message`` (the decision is already reduced, so all
+    processes arrive here at the same step); the summary records why."""
+    from sdpo.guard import NonFiniteStop
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        io.write_json(out / "train_summary.json", {"output_dir": str(out), "stopped": message})
+    accelerator.end_training()
+    raise NonFiniteStop(message)
 
 
 def main(cfg: TrainConfig) -> dict:
@@ -55,14 +139,15 @@ def _train(cfg: TrainConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
     from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
 
     from sdpo import checkpoint as ckpt
+    from sdpo import step as step_module
     from sdpo.data import Augment, DataSource, build_dataloader
     from sdpo.families import ModelSource, check_family
+    from sdpo.guard import NonFiniteGuard, PathologyAlarm, weights_finite
     from sdpo.losses import LOSSES
     from sdpo.perf import ModelSetup, setup_models
-    from sdpo.step import Preference, StepStats, build_optimizer, training_step
+    from sdpo.step import Preference, StepStats, build_optimizer
 
     # 1. Everything that can be wrong is checked before weights or images load.
     validate(resolve(cfg))
@@ -180,9 +265,15 @@ def _train(cfg: TrainConfig) -> dict:
     global_step = state["global_step"]
     meter = StepStats()
     meter.corrupt_total = state["corrupt_skipped"]
+    nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps)
+    nonfinite.load_state_dict(state.get("nonfinite", {}))
+    alarm = PathologyAlarm(window=cfg.pathology_window)
+    alarm.load_state_dict(state.get("pathology", {}))
+    last_checkpoint = resume
+    clip_norm = cfg.clip_norm if cfg.clip_norm > 0 else math.inf  # inf: measure, never clip
     logger.info("%s on %d pairs; %d processes", cfg.train_method, data_info["pairs"], n_proc)
     main_proc = accelerator.is_main_process
-    bar = tqdm(total=cfg.max_train_steps, initial=global_step, disable=not main_proc, desc="steps")
+    progress = Progress(cfg.max_train_steps, global_step, enabled=main_proc, every=cfg.log_every)
 
     # 4. The loop: one batch = one micro-step; accelerate syncs every N micro-steps. As in the
     # reference, --max_train_steps decides the length (epochs follow from it).
@@ -194,7 +285,7 @@ def _train(cfg: TrainConfig) -> dict:
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         for batch_i, batch in enumerate(batches, start=skip + 1):
             with accelerator.accumulate(unet):
-                loss, stats = training_step(
+                loss, stats = step_module.training_step(
                     parts=parts,
                     unet=unet,
                     ref_unet=ref_unet,
@@ -205,13 +296,22 @@ def _train(cfg: TrainConfig) -> dict:
                     device=accelerator.device,
                     autocast=accelerator.autocast,
                 )
+                nonfinite.watch(loss)
                 accelerator.backward(loss)
+                skipped = False
                 grad_norm = None
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    # Always measured (clip_norm inf = no clipping) so a NaN/Inf is seen.
+                    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), clip_norm)
+                    skipped = nonfinite.check(
+                        grad_norm, accelerator, scaler_handles_grads=accelerator.scaler is not None
+                    )
+                    if not skipped:
+                        optimizer.step()
+                        lr_scheduler.step()
+                    elif accelerator.scaler is not None:
+                        accelerator.scaler.update()  # forget the unscale_ of this step
+                optimizer.zero_grad(set_to_none=True)  # drops a skipped step's gradients
             meter.add(stats, batch["corrupt"])
             if not accelerator.sync_gradients:
                 continue
@@ -219,28 +319,59 @@ def _train(cfg: TrainConfig) -> dict:
             row = {"step": global_step, "epoch": epoch, **meter.reduce(accelerator)}
             row["lr"] = lr_scheduler.get_last_lr()[0]
             row["grad_norm"] = None if grad_norm is None else float(grad_norm)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4g}", lam=f"{row['loser_scale']:.3f}")
+            nonfinite.record(global_step, skipped, row.get("loss"))
+            row["nonfinite"] = skipped
+            row["nonfinite_skipped"] = nonfinite.total
+            row = {k: _finite_or_none(v) for k, v in row.items()}
+            if skipped:
+                logger.warning(
+                    "step %d skipped (non-finite loss or gradient norm on a process): loss %s, "
+                    "grad norm %s; %d in a row, %d in all",
+                    global_step,
+                    row["loss"],
+                    row["grad_norm"],
+                    nonfinite.consecutive,
+                    nonfinite.total,
+                )
+            fired = None if skipped else alarm.update(global_step, row)
+            if fired and main_proc:
+                logger.warning(PathologyAlarm.message(fired))
+            progress.update(global_step, row)
             accelerator.log({k: v for k, v in row.items() if v is not None}, step=global_step)
             if accelerator.is_main_process:
                 _append_log(log_path, row)
+            if nonfinite.exhausted:
+                _stop(accelerator, out, nonfinite.stop_message(global_step, last_checkpoint))
             done = global_step >= cfg.max_train_steps
             if global_step % cfg.checkpointing_steps == 0 or done:
+                if not weights_finite(params, accelerator):
+                    _stop(
+                        accelerator,
+                        out,
+                        f"stopped at step {global_step}: the weights are not finite, so no "
+                        f"checkpoint was written; last good checkpoint: {last_checkpoint}",
+                    )
                 at_end = batch_i >= len(loader)  # resume into the next epoch
                 position = {"epoch": epoch + at_end, "batches_in_epoch": 0 if at_end else batch_i}
-                ckpt.save_checkpoint(
+                last_checkpoint = ckpt.save_checkpoint(
                     accelerator,
                     unet,
                     family,
                     out,
                     global_step,
-                    {**position, "seed": seed, "corrupt_skipped": meter.corrupt_total},
+                    {
+                        **position,
+                        "seed": seed,
+                        "corrupt_skipped": meter.corrupt_total,
+                        "nonfinite": nonfinite.state_dict(),
+                        "pathology": alarm.state_dict(),
+                    },
                     cfg.checkpoints_total_limit,
                 )
             if done:
                 break
         epoch += 1
-    bar.close()
+    progress.close()
 
     # 5. Final outputs.
     accelerator.wait_for_everyone()
@@ -250,6 +381,8 @@ def _train(cfg: TrainConfig) -> dict:
         "global_step": global_step,
         "seed": seed,
         "data": {**data_info, "corrupt_skipped": meter.corrupt_total},
+        "nonfinite_skipped": nonfinite.total,
+        "pathology_alarm": alarm.fired,
         "unet_pth": str(paths["unet_pth"]),
         "unet": accelerator.unwrap_model(unet, keep_torch_compile=False),
         "ref_unet": ref_unet,
@@ -266,10 +399,16 @@ def cli(argv: list[str] | None = None) -> dict:
     reads only configs), train."""
     from sdpo.config import build_parser, parse_args
     from sdpo.families import ModelSource, check_family
+    from sdpo.guard import NonFiniteStop
 
     cfg = parse_args(argv)
     try:
         check_family(ModelSource.from_flags(cfg), flags={"sdxl": cfg.sdxl})
     except ValueError as err:
         build_parser().error(str(err))
-    return main(cfg)
+    try:
+        return main(cfg)
+    except NonFiniteStop as err:  # an expected end: one line (once), no traceback
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"train.py: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
