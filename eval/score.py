@@ -22,33 +22,49 @@ import argparse
 import hashlib
 import json
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from sdpo.cli import arg, parse
 
 METRICS = ("pickscore", "hpsv2", "clip", "aesthetics", "imagereward")
 
 
 @dataclass
 class ScoreConfig:
-    manifests: list[str] = field(default_factory=list)  # manifest JSON files to score
-    metrics: list[str] = field(default_factory=lambda: list(METRICS))  # metrics to compute
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    batch_size: int = 16  # images per forward pass of each scorer
-    save_every: int = 20  # rewrite the scores file every this many batches (resume granularity)
-    summary_out: str | None = None  # optional combined summary JSON of all manifests
-    weights: dict[str, dict[str, str]] = field(default_factory=dict)  # metric -> {key: location}
+    """Options of ``python -m eval.score`` (see ``--help``)."""
+
+    manifests: list[str] = arg(
+        help="manifest JSON file(s) to score", flags=["--manifest"], required=True
+    )
+    metrics: list[str] = arg(
+        help="'all' or a comma list of " + ",".join(METRICS),
+        default_factory=lambda: list(METRICS),
+        metavar="METRICS",
+    )
+    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:N")
+    batch_size: int = arg(16, "images per forward pass of each scorer")
+    save_every: int = arg(20, "rewrite the scores file every this many batches (resume step)")
+    summary_out: str | None = arg(None, "combined summary JSON of all manifests (optional)")
+    weights: dict[str, dict[str, str]] = arg(
+        default_factory=dict, cli=False, help="metric -> {key: location} (the weight flags)"
+    )
 
 
-def parse_metrics(text: str) -> list[str]:
-    """``"all"`` or a comma list of metric names -> ordered list; unknown names are an error."""
+def parse_metrics(text: str | list[str]) -> list[str]:
+    """``"all"`` or a comma list of metric names (or a list of such) -> ordered list; unknown
+    names are an error."""
+    if not isinstance(text, str):
+        text = ",".join(text)
     if text.strip().lower() == "all":
         return list(METRICS)
     names = [m.strip().lower() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in METRICS]
     if unknown or not names:
-        raise ValueError(f"unknown metric(s) {unknown or text!r}; choose from {list(METRICS)}")
+        raise ValueError(
+            f"--metrics: unknown metric(s) {unknown or text!r}; choose from {list(METRICS)}"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -59,11 +75,9 @@ def add_weight_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("weight locations (local path or hub id; override env)")
     for metric, specs in WEIGHT_SPECS.items():
         for spec in specs:
-            group.add_argument(
-                f"--{metric}_{spec.key}",
-                default=None,
-                help=f"{spec.what} (env {spec.env}, default {spec.default})",
-            )
+            text = f"{spec.what} (env {spec.env}, default {spec.shown_default})"
+            # '%' is argparse's format character: a URL's %2B must be doubled (help would crash)
+            group.add_argument(f"--{metric}_{spec.key}", default=None, help=text.replace("%", "%%"))
 
 
 def weights_from_args(args: argparse.Namespace) -> dict[str, dict[str, str]]:
@@ -78,34 +92,29 @@ def weights_from_args(args: argparse.Namespace) -> dict[str, dict[str, str]]:
     return out
 
 
+def with_weights(cfg, namespace: argparse.Namespace):
+    """``finish`` of the parsers that take the weight flags: they go into ``cfg.weights``."""
+    cfg.weights = weights_from_args(namespace)
+    return cfg
+
+
+def check_score_config(cfg: ScoreConfig) -> ScoreConfig:
+    for name in ("batch_size", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    cfg.metrics = parse_metrics(cfg.metrics)
+    return cfg
+
+
 def parse_args(argv=None) -> ScoreConfig:
-    parser = argparse.ArgumentParser(
-        prog="python -m eval.score", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--manifest", nargs="+", required=True, help="manifest JSON file(s)")
-    parser.add_argument(
-        "--metrics", default="all", help="'all' or a comma list of " + ",".join(METRICS)
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--batch_size", type=int, default=16, help="images per scorer forward")
-    parser.add_argument("--save_every", type=int, default=20, help="batches between saves")
-    parser.add_argument("--summary_out", default=None, help="combined summary JSON (optional)")
-    add_weight_flags(parser)
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.save_every < 1:
-        parser.error("--batch_size and --save_every must be >= 1")
-    try:
-        metrics = parse_metrics(args.metrics)
-    except ValueError as err:
-        parser.error(str(err))
-    return ScoreConfig(
-        manifests=list(args.manifest),
-        metrics=metrics,
-        device=args.device,
-        batch_size=args.batch_size,
-        save_every=args.save_every,
-        summary_out=args.summary_out,
-        weights=weights_from_args(args),
+    return parse(
+        ScoreConfig,
+        argv,
+        prog="python -m eval.score",
+        description=__doc__.split("\n")[0],
+        extend=add_weight_flags,
+        finish=with_weights,
+        check=check_score_config,
     )
 
 
@@ -156,10 +165,9 @@ def read_scores(path: str | Path) -> list[dict]:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from sdpo import io
+
+    io.write_text(path, text)
 
 
 def write_scores(path: str | Path, records: list[dict]) -> None:
