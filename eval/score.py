@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import math
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,5 +340,15 @@ def main(cfg: ScoreConfig) -> dict[str, dict]:
     return summaries
 
 
+def cli(argv=None) -> dict[str, dict] | None:
+    """The command line: expected failures (a missing manifest or image, a malformed manifest,
+    weights that cannot be found) are one line on stderr, exit status 1."""
+    cfg = parse_args(argv)
+    try:
+        return main(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    cli()
