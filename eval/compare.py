@@ -26,8 +26,12 @@ with the k-th of B. Rules (as the official comparison, plus the statistics of ev
 
 Writes into ``--outdir`` (default ``<folder of A>/<label_a>_vs_<label_b>``): ``<metric>.json``
 per metric (labels, pairing, n, wins_a, wins_b, ties, win_rate_a, win_rate_b, mean_a, mean_b,
-the statistics and the pairs), ``summary.json``, and (unless ``--no_report``) ``report.html`` +
-``grid.png``.
+the statistics and the pairs), ``summary.json``, ``official/`` (the same comparison in the
+official ``pair_<metric>.json`` + ``summary.json`` layout, eval/official.py), and (unless
+``--no_report``) ``report.html`` + ``grid.png``.
+
+Official manifests are read whatever their path convention: relative image paths are looked up
+beside the manifest, then under the working directory (``--image_root`` sets the folder).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval import stats
+from eval.official import write_official
 from eval.score import (
     METRICS,
     ScoreConfig,
@@ -101,6 +106,11 @@ class CompareConfig:
         False, "pair entries by position when A and B share no prompt (refused otherwise)"
     )
     ties_as_loss_for_a: bool = arg(False, "a tie counts 0 for A instead of 1/2 (official flag)")
+    image_root: str | None = arg(
+        None,
+        "folder relative image paths start from (default: beside the manifest, else the working "
+        "directory, where the official scripts' paths start)",
+    )
     resamples: int = arg(stats.DEFAULT_RESAMPLES, "bootstrap resamples of the prompts")
     stats_seed: int = arg(stats.DEFAULT_SEED, "seed of the bootstrap draws")
     weights: dict[str, dict[str, str]] = arg(
@@ -497,6 +507,7 @@ def load_or_score(cfg: CompareConfig) -> tuple[list[list[dict]], list[list[dict]
                 device=cfg.device,
                 batch_size=cfg.batch_size,
                 weights=cfg.weights,
+                image_root=cfg.image_root,
             )
         )
 
@@ -568,6 +579,7 @@ def main(cfg: CompareConfig) -> dict:
     for metric, data in pair_files.items():
         atomic_write_text(outdir / f"{metric}.json", json.dumps(data, indent=1))
     atomic_write_text(outdir / "summary.json", json.dumps(summary, indent=1))
+    write_official(outdir / "official", pair_files, records_a, records_b, cfg.ties_as_loss_for_a)
     print(format_summary(summary))
     if cfg.report:
         from eval.report import ReportConfig, write_report

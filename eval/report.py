@@ -426,7 +426,9 @@ def write_report(cfg: ReportConfig) -> tuple[Path, Path]:
     def thumbnail(s, side):
         records, base = (runs_a if side == 0 else runs_b)[s.get("run", 0)]
         rec = records[s["index_a"] if side == 0 else s["index_b"]]
-        return _thumbnail(_image_path(base, rec["image"]), cfg.thumb)
+        found = rec.get("image_file")  # resolved by eval.score (official path conventions too)
+        path = Path(found) if found and Path(found).is_file() else _image_path(base, rec["image"])
+        return _thumbnail(path, cfg.thumb)
 
     samples = select_samples(pair_files, cfg.num_samples)
     thumbs_a = [thumbnail(s, 0) for s in samples]

@@ -48,6 +48,11 @@ class ScoreConfig:
     batch_size: int = arg(16, "images per forward pass of each scorer")
     save_every: int = arg(20, "rewrite the scores file every this many batches (resume step)")
     summary_out: str | None = arg(None, "combined summary JSON of all manifests (optional)")
+    image_root: str | None = arg(
+        None,
+        "folder relative image paths start from (default: beside the manifest, else the working "
+        "directory, as the official scripts write them)",
+    )
     weights: dict[str, dict[str, str]] = arg(
         default_factory=dict, cli=False, help="metric -> {key: location} (the weight flags)"
     )
@@ -123,7 +128,10 @@ def parse_args(argv=None) -> ScoreConfig:
 
 
 def load_manifest(path: str | Path) -> list[dict]:
-    """Read a manifest: a JSON list of objects with ``prompt`` and ``gen_image_path``."""
+    """Read a manifest: a JSON list of objects with ``prompt`` and ``gen_image_path``.
+
+    The official generation scripts may store ``gen_image_path`` as a list of paths: the first
+    non-empty one is the image (as the official comparison reads it)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
@@ -136,15 +144,28 @@ def load_manifest(path: str | Path) -> list[dict]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
             raise ValueError(f"manifest {path} entry {i} has no string 'prompt'")
-        if not entry.get("gen_image_path"):
+        img = entry.get("gen_image_path")
+        if isinstance(img, list):
+            entry["gen_image_path"] = next((p for p in img if isinstance(p, str) and p), "")
+        if not entry.get("gen_image_path") or not isinstance(entry["gen_image_path"], str):
             raise ValueError(f"manifest {path} entry {i} has no 'gen_image_path'")
     return entries
 
 
-def image_file(manifest: str | Path, entry: dict) -> Path:
-    """``gen_image_path`` resolved against the manifest's folder (absolute paths kept)."""
+def image_file(manifest: str | Path, entry: dict, root: str | Path | None = None) -> Path:
+    """``gen_image_path`` as a file: absolute paths are kept; a relative one is taken under
+    ``root`` when given (``--image_root``), else beside the manifest (this project's manifests)
+    and, if no file is there, under the working directory (the official scripts store paths
+    relative to the directory they ran in)."""
     p = Path(entry["gen_image_path"]).expanduser()
-    return p if p.is_absolute() else Path(manifest).parent / p
+    if p.is_absolute():
+        return p
+    if root is not None:
+        return Path(root).expanduser() / p
+    beside = Path(manifest).parent / p
+    if beside.is_file() or not p.is_file():
+        return beside
+    return p.resolve()
 
 
 def scores_path(manifest: str | Path) -> Path:
@@ -236,26 +257,32 @@ def prepare(cfg: ScoreConfig) -> list[tuple[Path, list[dict], list[dict]]]:
     jobs, missing = [], []
     for manifest in cfg.manifests:
         entries = load_manifest(manifest)
+        root = cfg.image_root
         missing += [
-            str(image_file(manifest, e)) for e in entries if not image_file(manifest, e).is_file()
+            str(image_file(manifest, e, root))
+            for e in entries
+            if not image_file(manifest, e, root).is_file()
         ]
         jobs.append((Path(manifest), entries))
     if missing:
         shown = "\n  ".join(missing[:20])
         more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
         raise FileNotFoundError(
-            f"{len(missing)} image(s) listed in the manifest(s) are missing:\n  {shown}{more}"
+            f"{len(missing)} image(s) listed in the manifest(s) are missing (relative paths are "
+            "looked up beside the manifest, then in the working directory; --image_root sets "
+            f"the folder they start from):\n  {shown}{more}"
         )
     out = []
     for manifest, entries in jobs:
         old = read_scores(scores_path(manifest))
         records = []
         for i, entry in enumerate(entries):
-            path = image_file(manifest, entry)
+            path = image_file(manifest, entry, cfg.image_root)
             rec = {
                 "index": i,
                 "prompt": entry["prompt"],
                 "image": entry["gen_image_path"],
+                "image_file": str(path.resolve()),  # where it was found (any path convention)
                 "image_sha1": _sha1(path),
             }
             prev = old[i] if i < len(old) else None
@@ -315,7 +342,11 @@ def _score_records(manifest: Path, records: list[dict], scorers: dict, cfg: Scor
         ):
             images = list(
                 pool.map(
-                    _load_rgb, [image_file(manifest, {"gen_image_path": r["image"]}) for r in batch]
+                    _load_rgb,
+                    [
+                        r.get("image_file") or image_file(manifest, {"gen_image_path": r["image"]})
+                        for r in batch
+                    ],  # fmt: skip
                 )
             )
             prompts = [r["prompt"] for r in batch]
