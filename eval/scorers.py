@@ -8,8 +8,10 @@ pickscore      transformers ``CLIPModel`` PickScore_v1, processor of laion CLIP-
                the L2-normalised image and text embeddings (NO logit_scale), text padded and
                truncated to 77 tokens.
 hpsv2          open_clip ``ViT-H-14`` built with ``pretrained=None`` + ``HPS_v2_compressed.pt``
-               (``torch.load(f)["state_dict"]``), the HPS package's open_clip val preprocessing
-               (tensor resize) and the open_clip tokenizer; cosine.
+               (``torch.load(f)["state_dict"]``), open_clip's own val transform (PIL bicubic
+               resize + centre crop, as the official evaluation scores) and the open_clip
+               tokenizer; cosine. ``preprocess="package"`` (``--hpsv2_preprocess package``)
+               selects the hpsv2 package's tensor-resize variant instead (1e-4 to 3e-4 apart).
 clip           open_clip ``ViT-H-14`` / ``laion2B-s32B-b79K``; the same cosine.
 aesthetics     ``openai/clip-vit-large-patch14`` image embeddings, L2-normalised, into the LAION
                improved-aesthetic MLP (768-1024-128-64-16-1 Linear layers, dropout, no activation).
@@ -29,6 +31,7 @@ pickscore  processor    SDPO_PICKSCORE_PROCESSOR      laion/CLIP-ViT-H-14-laion2
 hpsv2      checkpoint   SDPO_HPSV2_CHECKPOINT         xswu/HPSv2/HPS_v2_compressed.pt
 hpsv2/clip arch         SDPO_OPENCLIP_ARCH            ViT-H-14 (or a path to an open_clip JSON
                                                       model config, registered under its stem)
+hpsv2      preprocess   SDPO_HPSV2_PREPROCESS         open_clip (or package: the hpsv2 package's)
 clip       checkpoint   SDPO_CLIP_CHECKPOINT          laion/CLIP-ViT-H-14-laion2B-s32B-b79K/
                                                       open_clip_pytorch_model.bin
 aesthetics clip         SDPO_AESTHETICS_CLIP          openai/clip-vit-large-patch14
@@ -91,9 +94,9 @@ class WeightSpec:
     key: str  # keyword of get_scorer / suffix of the CLI flag
     env: str  # environment variable
     default: str  # public location
-    kind: str  # "file" (one file) or "dir" (a transformers folder / hub repo)
+    kind: str  # "file" (one file), "dir" (a transformers folder / hub repo), "arch", "option"
     what: str  # human description for error messages
-    probe: str = "config.json"  # for kind="dir": a small file whose presence proves the repo
+    probe: str = "config.json"  # kind="dir": a small file proving the repo; "option": choices
     revision: str | None = None  # hub commit of the default location (pinned)
     sha256: str | None = None  # required sha256 of the file (see :func:`_check_sha256`)
 
@@ -134,6 +137,15 @@ WEIGHT_SPECS: dict[str, tuple[WeightSpec, ...]] = {
             "ViT-H-14",
             "arch",
             "open_clip architecture name or model-config JSON",
+        ),
+        WeightSpec(
+            "preprocess",
+            "SDPO_HPSV2_PREPROCESS",
+            "open_clip",
+            "option",
+            "image preprocessing: open_clip (its PIL val transform, as the official evaluation) "
+            "or package (the hpsv2 package's tensor resize)",
+            probe="open_clip,package",
         ),
     ),
     "clip": (
@@ -268,6 +280,14 @@ def _resolve_weight(scorer: str, spec: WeightSpec, value: str | None = None) -> 
     Raises :class:`WeightsNotFoundError` (one message naming the fix) if it cannot be had.
     """
     value = value or os.environ.get(spec.env) or spec.default
+    if spec.kind == "option":
+        choices = spec.probe.split(",")
+        if value not in choices:
+            raise ValueError(
+                f"{scorer}: --{scorer}_{spec.key} / {spec.env} must be one of {choices}, "
+                f"got {value!r}"
+            )
+        return value
     if spec.kind == "arch":
         # a registered name (checked when the model is built) or a model-config JSON file
         if value.endswith(".json") and not os.path.isfile(os.path.expanduser(value)):
@@ -444,8 +464,9 @@ class HPSv2Scorer(_OpenClipCosine):
     def __init__(self, device="cpu", batch_size=16, **weights):
         super().__init__(device, batch_size)
         paths = resolve_weights(self.name, **weights)
-        model = self._build(paths["arch"])
-        self.preprocess = _hps_val_transform(model.visual.image_size)
+        model = self._build(paths["arch"])  # sets open_clip's own val transform
+        if paths["preprocess"] == "package":
+            self.preprocess = _hps_val_transform(model.visual.image_size)
         checkpoint = _torch_load(paths["checkpoint"])
         state_dict = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint
         _load_strict(model, state_dict, f"HPSv2 checkpoint {paths['checkpoint']}")
@@ -453,10 +474,12 @@ class HPSv2Scorer(_OpenClipCosine):
 
 
 def _hps_val_transform(image_size):
-    """HPSv2's val preprocessing (its vendored open_clip ``image_transform(is_train=False)``).
+    """The hpsv2 package's val preprocessing (its vendored open_clip
+    ``image_transform(is_train=False)``), used only with ``preprocess="package"``.
 
-    Unlike open_clip 3.x (PIL resize), HPS converts to a tensor first and resizes the tensor
-    (bicubic, antialiased); the difference moves scores by ~1e-4, so we follow the package.
+    Unlike open_clip 3.x (PIL resize), it converts to a tensor first and resizes the tensor
+    (bicubic, antialiased); scores move by 1e-4 to 3e-4. The official evaluation scores through
+    open_clip's own PIL transform, which is the default.
     """
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from torchvision import transforms as T
