@@ -46,7 +46,17 @@ from sdpo.families import FAMILIES, ModelSource, detect_family, get_family, read
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Run settings a resumed run must share with the images already written (the rest of the
 # settings are in the file names).
-PROVENANCE_KEYS = ("base_model", "family", "unet_path", "vae", "dtype", "prompts_sha256")
+PROVENANCE_KEYS = (
+    "base_model",
+    "family",
+    "unet_path",
+    "unet_sha256",
+    "vae",
+    "dtype",
+    "prompts_sha256",
+)
+# Weight files of a diffusers model folder that make up its content hash.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".json")
 
 
 class GenerationError(RuntimeError):
@@ -192,8 +202,35 @@ class Plan:
     provenance: dict
 
 
-def make_plan(cfg: GenerateConfig) -> Plan:
-    """Check every input and decide names; raises GenerationError/PromptSetError (no models)."""
+def weights_sha256(unet_kind: str, unet_file: str | None) -> str | None:
+    """Content hash of the denoiser weights given by ``--unet_path`` (None: the base model's).
+
+    A file: sha256 of its bytes. A folder: sha256 over the sorted (name, sha256) of its weight and
+    config files. Recorded in the manifest and the image folder, so that a ``unet.pth`` replaced
+    at the same path is not served from the images of the old weights."""
+    if unet_kind == "base" or not unet_file:
+        return None
+    path = Path(unet_file)
+    if path.is_file():
+        return _sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+        h.update(f"{f.name}\0{_sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_plan(cfg: GenerateConfig, *, hash_weights: bool = True) -> Plan:
+    """Check every input and decide names; raises GenerationError/PromptSetError (no models).
+
+    ``hash_weights=False`` skips reading the weights (only the names are wanted)."""
     for name in ("steps", "batch_size"):
         if getattr(cfg, name) < 1:
             raise GenerationError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
@@ -229,6 +266,7 @@ def make_plan(cfg: GenerateConfig) -> Plan:
         "family": family.name,
         "sdxl": sdxl,
         "unet_path": str(Path(unet_file).resolve()) if unet_file else None,
+        "unet_sha256": weights_sha256(unet_kind, unet_file) if hash_weights else None,
         "vae": vae or "base",
         "dtype": cfg.dtype,
         "prompts_sha256": prompts_sha,
@@ -283,13 +321,35 @@ def check_resumable(plan: Plan) -> None:
     if not record.is_file() or not any(plan.image_dir.glob("*.png")):
         return
     old = json.loads(record.read_text())
-    diff = [k for k in PROVENANCE_KEYS if old.get(k) != plan.provenance.get(k)]
+    # a record written before weight hashes existed says nothing about them: not a difference
+    keys = [k for k in PROVENANCE_KEYS if k != "unet_sha256" or "unet_sha256" in old]
+    diff = [k for k in keys if old.get(k) != plan.provenance.get(k)]
     if diff:
         details = "; ".join(f"{k}: {old.get(k)!r} -> {plan.provenance.get(k)!r}" for k in diff)
-        raise GenerationError(
-            f"{plan.image_dir} holds images of a different run ({details}); use another "
-            "--outdir or delete that folder"
+        what = (
+            "the weights at --unet_path changed since those images were generated; "
+            if diff == ["unet_sha256"]
+            else ""
         )
+        raise GenerationError(
+            f"{plan.image_dir} holds images of a different run ({what}{details}). To regenerate "
+            f"with these settings, delete {plan.image_dir} and {plan.manifest} (and its "
+            ".scores.jsonl / .summary.json) and rerun the same command, or use another --outdir"
+        )
+
+
+def discard_if_empty(plan: Plan) -> None:
+    """After a failure before any image was written: remove the image folder this run created
+    (no empty folder is left behind, e.g. when the weights do not fit the model)."""
+    d = plan.image_dir
+    if not d.is_dir() or any(d.glob("*.png")):
+        return
+    (d / "generation_config.json").unlink(missing_ok=True)
+    io.remove_stale(d)
+    try:
+        d.rmdir()
+    except OSError:
+        pass  # something else is in there: not ours to delete
 
 
 def prepare_output(plan: Plan) -> None:
@@ -343,7 +403,17 @@ def load_unet_strict(unet, path: str) -> None:
     from sdpo.families.weights import load_state_dict_file, load_strict
 
     try:
-        load_strict(unet, load_state_dict_file(path), path)
+        state = load_state_dict_file(path)
+    except ValueError as err:
+        raise GenerationError(str(err)) from None
+    except (IndexError, KeyError, AttributeError, TypeError) as err:
+        # what torch.load's unpickler raises on some non-checkpoint files (a text file: an
+        # IndexError), which the shared loader does not translate
+        raise GenerationError(
+            f"{path} is not a PyTorch state_dict file ({type(err).__name__}: {err})"
+        ) from None
+    try:
+        load_strict(unet, state, path)
     except ValueError as err:
         raise GenerationError(str(err)) from None
 
@@ -394,7 +464,9 @@ def load_pipeline(plan: Plan, dtype_name: str, device):
     vae_kw.update(_dtype_kwarg(torch.float32))
     vae = _from_pretrained(diffusers.AutoencoderKL, vae_src, "VAE", **vae_kw)
     scheduler_cls = getattr(diffusers, family.eval_scheduler_class_name)
-    scheduler = _from_pretrained(scheduler_cls, plan.base, "scheduler config", subfolder="scheduler")
+    scheduler = _from_pretrained(
+        scheduler_cls, plan.base, "scheduler config", subfolder="scheduler"
+    )
     pipe = _from_pretrained(
         family.pipeline_class(), plan.base, "base pipeline", **{sub: unet}, vae=vae,
         scheduler=scheduler, **_dtype_kwarg(dtype), **family.pipeline_kwargs(),
@@ -459,12 +531,21 @@ def run(cfg: GenerateConfig, state) -> Path:
     ``state`` is an ``accelerate.PartialState`` (or an object with ``process_index``,
     ``num_processes``, ``is_main_process``, ``device`` and ``wait_for_everyone()``).
     """
-    from tqdm.auto import tqdm
-
     plan = make_plan(cfg)
     check_resumable(plan)
     if state.is_main_process:
         prepare_output(plan)
+    try:
+        return _run_planned(plan, cfg, state)
+    except BaseException:
+        if state.is_main_process:
+            discard_if_empty(plan)
+        raise
+
+
+def _run_planned(plan: Plan, cfg: GenerateConfig, state) -> Path:
+    from tqdm.auto import tqdm
+
     state.wait_for_everyone()
     todo = missing_indices(plan)
     # Every process must list the missing images before anyone writes new ones.
@@ -498,7 +579,7 @@ def run(cfg: GenerateConfig, state) -> Path:
 
 def main(cfg: GenerateConfig) -> Path:
     if cfg.print_manifest_path:  # for scripts: the name without generating (nor importing torch)
-        manifest = make_plan(cfg).manifest
+        manifest = make_plan(cfg, hash_weights=False).manifest
         print(manifest, flush=True)
         return manifest
     from accelerate import PartialState

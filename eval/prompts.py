@@ -21,9 +21,11 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.request import urlopen
+
+from sdpo.cli import add_dataclass_arguments, arg, from_namespace
 
 # The repository's own prompts/ folder (holds smoke.json; the paper's files are fetched into it).
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
@@ -209,9 +211,18 @@ def fetch(
 class FetchConfig:
     """``python -m eval.prompts fetch`` options."""
 
-    sets: list[str] = field(default_factory=lambda: list(PAPER_SETS))  # which paper sets
-    source_dir: str | None = None  # copy from this folder instead of downloading
-    dest: str = str(PROMPTS_DIR)  # where the verified files are written
+    sets: list[str] = arg(
+        help=f"comma-separated subset of {','.join(PAPER_SETS)}",
+        default_factory=lambda: list(PAPER_SETS),
+        metavar="SETS",
+    )
+    source_dir: str | None = arg(
+        None,
+        "copy the files from this local folder instead of downloading (offline machines)",
+        flags=["--from"],
+        metavar="DIR",
+    )
+    dest: str = arg(str(PROMPTS_DIR), "output folder (default: the repo's prompts/)")
 
 
 def parse_args(argv: list[str] | None = None) -> FetchConfig:
@@ -228,25 +239,12 @@ def parse_args(argv: list[str] | None = None) -> FetchConfig:
             "(or copy them from --from DIR), check their sha256 and write them into --dest. "
             "Files already present with the right hash are kept."
         ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    f.add_argument(
-        "--sets",
-        default=",".join(PAPER_SETS),
-        help=f"comma-separated subset of {','.join(PAPER_SETS)} (default: all three)",
-    )
-    f.add_argument(
-        "--from",
-        dest="source_dir",
-        default=None,
-        metavar="DIR",
-        help="copy the files from this local folder instead of downloading (offline machines)",
-    )
-    f.add_argument(
-        "--dest", default=str(PROMPTS_DIR), help="output folder (default: the repo's prompts/)"
-    )
-    a = p.parse_args(argv)
-    sets = [s.strip() for s in a.sets.split(",") if s.strip()]
-    return FetchConfig(sets=sets, source_dir=a.source_dir, dest=a.dest)
+    add_dataclass_arguments(f, FetchConfig)  # the fields' flags, as every entry point
+    cfg = from_namespace(FetchConfig, p.parse_args(argv))
+    cfg.sets = [s.strip() for s in ",".join(cfg.sets).split(",") if s.strip()]
+    return cfg
 
 
 def main(cfg: FetchConfig) -> dict[str, Path]:

@@ -22,33 +22,55 @@ import argparse
 import hashlib
 import json
 import math
-import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from sdpo.cli import arg, parse
 
 METRICS = ("pickscore", "hpsv2", "clip", "aesthetics", "imagereward")
 
 
 @dataclass
 class ScoreConfig:
-    manifests: list[str] = field(default_factory=list)  # manifest JSON files to score
-    metrics: list[str] = field(default_factory=lambda: list(METRICS))  # metrics to compute
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    batch_size: int = 16  # images per forward pass of each scorer
-    save_every: int = 20  # rewrite the scores file every this many batches (resume granularity)
-    summary_out: str | None = None  # optional combined summary JSON of all manifests
-    weights: dict[str, dict[str, str]] = field(default_factory=dict)  # metric -> {key: location}
+    """Options of ``python -m eval.score`` (see ``--help``)."""
+
+    manifests: list[str] = arg(
+        help="manifest JSON file(s) to score", flags=["--manifest"], required=True
+    )
+    metrics: list[str] = arg(
+        help="'all' or a comma list of " + ",".join(METRICS),
+        default_factory=lambda: list(METRICS),
+        metavar="METRICS",
+    )
+    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:N")
+    batch_size: int = arg(16, "images per forward pass of each scorer")
+    save_every: int = arg(20, "rewrite the scores file every this many batches (resume step)")
+    summary_out: str | None = arg(None, "combined summary JSON of all manifests (optional)")
+    image_root: str | None = arg(
+        None,
+        "folder relative image paths start from (default: beside the manifest, else the working "
+        "directory, as the official scripts write them)",
+    )
+    weights: dict[str, dict[str, str]] = arg(
+        default_factory=dict, cli=False, help="metric -> {key: location} (the weight flags)"
+    )
 
 
-def parse_metrics(text: str) -> list[str]:
-    """``"all"`` or a comma list of metric names -> ordered list; unknown names are an error."""
+def parse_metrics(text: str | list[str]) -> list[str]:
+    """``"all"`` or a comma list of metric names (or a list of such) -> ordered list; unknown
+    names are an error."""
+    if not isinstance(text, str):
+        text = ",".join(text)
     if text.strip().lower() == "all":
         return list(METRICS)
     names = [m.strip().lower() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in METRICS]
     if unknown or not names:
-        raise ValueError(f"unknown metric(s) {unknown or text!r}; choose from {list(METRICS)}")
+        raise ValueError(
+            f"--metrics: unknown metric(s) {unknown or text!r}; choose from {list(METRICS)}"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -59,11 +81,9 @@ def add_weight_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("weight locations (local path or hub id; override env)")
     for metric, specs in WEIGHT_SPECS.items():
         for spec in specs:
-            group.add_argument(
-                f"--{metric}_{spec.key}",
-                default=None,
-                help=f"{spec.what} (env {spec.env}, default {spec.default})",
-            )
+            text = f"{spec.what} (env {spec.env}, default {spec.shown_default})"
+            # '%' is argparse's format character: a URL's %2B must be doubled (help would crash)
+            group.add_argument(f"--{metric}_{spec.key}", default=None, help=text.replace("%", "%%"))
 
 
 def weights_from_args(args: argparse.Namespace) -> dict[str, dict[str, str]]:
@@ -78,34 +98,29 @@ def weights_from_args(args: argparse.Namespace) -> dict[str, dict[str, str]]:
     return out
 
 
+def with_weights(cfg, namespace: argparse.Namespace):
+    """``finish`` of the parsers that take the weight flags: they go into ``cfg.weights``."""
+    cfg.weights = weights_from_args(namespace)
+    return cfg
+
+
+def check_score_config(cfg: ScoreConfig) -> ScoreConfig:
+    for name in ("batch_size", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    cfg.metrics = parse_metrics(cfg.metrics)
+    return cfg
+
+
 def parse_args(argv=None) -> ScoreConfig:
-    parser = argparse.ArgumentParser(
-        prog="python -m eval.score", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--manifest", nargs="+", required=True, help="manifest JSON file(s)")
-    parser.add_argument(
-        "--metrics", default="all", help="'all' or a comma list of " + ",".join(METRICS)
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--batch_size", type=int, default=16, help="images per scorer forward")
-    parser.add_argument("--save_every", type=int, default=20, help="batches between saves")
-    parser.add_argument("--summary_out", default=None, help="combined summary JSON (optional)")
-    add_weight_flags(parser)
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.save_every < 1:
-        parser.error("--batch_size and --save_every must be >= 1")
-    try:
-        metrics = parse_metrics(args.metrics)
-    except ValueError as err:
-        parser.error(str(err))
-    return ScoreConfig(
-        manifests=list(args.manifest),
-        metrics=metrics,
-        device=args.device,
-        batch_size=args.batch_size,
-        save_every=args.save_every,
-        summary_out=args.summary_out,
-        weights=weights_from_args(args),
+    return parse(
+        ScoreConfig,
+        argv,
+        prog="python -m eval.score",
+        description=__doc__.split("\n")[0],
+        extend=add_weight_flags,
+        finish=with_weights,
+        check=check_score_config,
     )
 
 
@@ -113,7 +128,10 @@ def parse_args(argv=None) -> ScoreConfig:
 
 
 def load_manifest(path: str | Path) -> list[dict]:
-    """Read a manifest: a JSON list of objects with ``prompt`` and ``gen_image_path``."""
+    """Read a manifest: a JSON list of objects with ``prompt`` and ``gen_image_path``.
+
+    The official generation scripts may store ``gen_image_path`` as a list of paths: the first
+    non-empty one is the image (as the official comparison reads it)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
@@ -126,15 +144,28 @@ def load_manifest(path: str | Path) -> list[dict]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
             raise ValueError(f"manifest {path} entry {i} has no string 'prompt'")
-        if not entry.get("gen_image_path"):
+        img = entry.get("gen_image_path")
+        if isinstance(img, list):
+            entry["gen_image_path"] = next((p for p in img if isinstance(p, str) and p), "")
+        if not entry.get("gen_image_path") or not isinstance(entry["gen_image_path"], str):
             raise ValueError(f"manifest {path} entry {i} has no 'gen_image_path'")
     return entries
 
 
-def image_file(manifest: str | Path, entry: dict) -> Path:
-    """``gen_image_path`` resolved against the manifest's folder (absolute paths kept)."""
+def image_file(manifest: str | Path, entry: dict, root: str | Path | None = None) -> Path:
+    """``gen_image_path`` as a file: absolute paths are kept; a relative one is taken under
+    ``root`` when given (``--image_root``), else beside the manifest (this project's manifests)
+    and, if no file is there, under the working directory (the official scripts store paths
+    relative to the directory they ran in)."""
     p = Path(entry["gen_image_path"]).expanduser()
-    return p if p.is_absolute() else Path(manifest).parent / p
+    if p.is_absolute():
+        return p
+    if root is not None:
+        return Path(root).expanduser() / p
+    beside = Path(manifest).parent / p
+    if beside.is_file() or not p.is_file():
+        return beside
+    return p.resolve()
 
 
 def scores_path(manifest: str | Path) -> Path:
@@ -156,10 +187,9 @@ def read_scores(path: str | Path) -> list[dict]:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from sdpo import io
+
+    io.write_text(path, text)
 
 
 def write_scores(path: str | Path, records: list[dict]) -> None:
@@ -227,26 +257,32 @@ def prepare(cfg: ScoreConfig) -> list[tuple[Path, list[dict], list[dict]]]:
     jobs, missing = [], []
     for manifest in cfg.manifests:
         entries = load_manifest(manifest)
+        root = cfg.image_root
         missing += [
-            str(image_file(manifest, e)) for e in entries if not image_file(manifest, e).is_file()
+            str(image_file(manifest, e, root))
+            for e in entries
+            if not image_file(manifest, e, root).is_file()
         ]
         jobs.append((Path(manifest), entries))
     if missing:
         shown = "\n  ".join(missing[:20])
         more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
         raise FileNotFoundError(
-            f"{len(missing)} image(s) listed in the manifest(s) are missing:\n  {shown}{more}"
+            f"{len(missing)} image(s) listed in the manifest(s) are missing (relative paths are "
+            "looked up beside the manifest, then in the working directory; --image_root sets "
+            f"the folder they start from):\n  {shown}{more}"
         )
     out = []
     for manifest, entries in jobs:
         old = read_scores(scores_path(manifest))
         records = []
         for i, entry in enumerate(entries):
-            path = image_file(manifest, entry)
+            path = image_file(manifest, entry, cfg.image_root)
             rec = {
                 "index": i,
                 "prompt": entry["prompt"],
                 "image": entry["gen_image_path"],
+                "image_file": str(path.resolve()),  # where it was found (any path convention)
                 "image_sha1": _sha1(path),
             }
             prev = old[i] if i < len(old) else None
@@ -306,7 +342,11 @@ def _score_records(manifest: Path, records: list[dict], scorers: dict, cfg: Scor
         ):
             images = list(
                 pool.map(
-                    _load_rgb, [image_file(manifest, {"gen_image_path": r["image"]}) for r in batch]
+                    _load_rgb,
+                    [
+                        r.get("image_file") or image_file(manifest, {"gen_image_path": r["image"]})
+                        for r in batch
+                    ],  # fmt: skip
                 )
             )
             prompts = [r["prompt"] for r in batch]
@@ -331,5 +371,15 @@ def main(cfg: ScoreConfig) -> dict[str, dict]:
     return summaries
 
 
+def cli(argv=None) -> dict[str, dict] | None:
+    """The command line: expected failures (a missing manifest or image, a malformed manifest,
+    weights that cannot be found) are one line on stderr, exit status 1."""
+    cfg = parse_args(argv)
+    try:
+        return main(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    cli()

@@ -8,8 +8,10 @@ pickscore      transformers ``CLIPModel`` PickScore_v1, processor of laion CLIP-
                the L2-normalised image and text embeddings (NO logit_scale), text padded and
                truncated to 77 tokens.
 hpsv2          open_clip ``ViT-H-14`` built with ``pretrained=None`` + ``HPS_v2_compressed.pt``
-               (``torch.load(f)["state_dict"]``), the HPS package's open_clip val preprocessing
-               (tensor resize) and the open_clip tokenizer; cosine.
+               (``torch.load(f)["state_dict"]``), open_clip's own val transform (PIL bicubic
+               resize + centre crop, as the official evaluation scores) and the open_clip
+               tokenizer; cosine. ``preprocess="package"`` (``--hpsv2_preprocess package``)
+               selects the hpsv2 package's tensor-resize variant instead (1e-4 to 3e-4 apart).
 clip           open_clip ``ViT-H-14`` / ``laion2B-s32B-b79K``; the same cosine.
 aesthetics     ``openai/clip-vit-large-patch14`` image embeddings, L2-normalised, into the LAION
                improved-aesthetic MLP (768-1024-128-64-16-1 Linear layers, dropout, no activation).
@@ -29,10 +31,14 @@ pickscore  processor    SDPO_PICKSCORE_PROCESSOR      laion/CLIP-ViT-H-14-laion2
 hpsv2      checkpoint   SDPO_HPSV2_CHECKPOINT         xswu/HPSv2/HPS_v2_compressed.pt
 hpsv2/clip arch         SDPO_OPENCLIP_ARCH            ViT-H-14 (or a path to an open_clip JSON
                                                       model config, registered under its stem)
+hpsv2      preprocess   SDPO_HPSV2_PREPROCESS         open_clip (or package: the hpsv2 package's)
 clip       checkpoint   SDPO_CLIP_CHECKPOINT          laion/CLIP-ViT-H-14-laion2B-s32B-b79K/
                                                       open_clip_pytorch_model.bin
 aesthetics clip         SDPO_AESTHETICS_CLIP          openai/clip-vit-large-patch14
-aesthetics mlp          SDPO_AESTHETICS_MLP           the GitHub URL of sac+logos+ava1-l14-linearMSE.pth
+aesthetics mlp          SDPO_AESTHETICS_MLP           trojblue/clip-aesthetics/sac+logos+ava1-l14-
+                                                      linearMSE.pth at commit 99cdc88ce4f3 (sha256
+                                                      21dd590f...; a local download of the file,
+                                                      any name, or the original GitHub URL works)
 imagereward checkpoint  SDPO_IMAGEREWARD_CHECKPOINT   THUDM/ImageReward/ImageReward.pt
 imagereward med_config  SDPO_IMAGEREWARD_MED_CONFIG   THUDM/ImageReward/med_config.json
 imagereward tokenizer   SDPO_BERT_TOKENIZER           bert-base-uncased
@@ -63,7 +69,15 @@ IMAGEREWARD_MEAN = 0.16717362830052426
 IMAGEREWARD_STD = 1.0333394966054072
 IMAGEREWARD_MAX_TOKENS = 35  # the package tokenises prompts to exactly 35 BERT tokens
 CLIP_MAX_TOKENS = 77
-AESTHETICS_MLP_URL = (
+# The LAION aesthetic MLP is published only as a file in a GitHub repository (a branch URL that can
+# move). The default is a byte-identical copy on the hub, pinned to a commit, and every copy of the
+# file (hub, URL or a local download named like the original) must have the published sha256
+# (the git-LFS oid of the hub copies, 3714759 bytes).
+AESTHETICS_MLP_NAME = "sac+logos+ava1-l14-linearMSE.pth"
+AESTHETICS_MLP_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
+AESTHETICS_MLP_HUB = f"trojblue/clip-aesthetics/{AESTHETICS_MLP_NAME}"
+AESTHETICS_MLP_REVISION = "99cdc88ce4f3ce8b120d04121a443bf24e80ddec"
+AESTHETICS_MLP_URL = (  # the original location (still accepted; checked against the same sha256)
     "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
     "sac%2Blogos%2Bava1-l14-linearMSE.pth"
 )
@@ -80,9 +94,15 @@ class WeightSpec:
     key: str  # keyword of get_scorer / suffix of the CLI flag
     env: str  # environment variable
     default: str  # public location
-    kind: str  # "file" (one file) or "dir" (a transformers folder / hub repo)
+    kind: str  # "file" (one file), "dir" (a transformers folder / hub repo), "arch", "option"
     what: str  # human description for error messages
-    probe: str = "config.json"  # for kind="dir": a small file whose presence proves the repo
+    probe: str = "config.json"  # kind="dir": a small file proving the repo; "option": choices
+    revision: str | None = None  # hub commit of the default location (pinned)
+    sha256: str | None = None  # required sha256 of the file (see :func:`_check_sha256`)
+
+    @property
+    def shown_default(self) -> str:
+        return f"{self.default}@{self.revision[:12]}" if self.revision else self.default
 
 
 WEIGHT_SPECS: dict[str, tuple[WeightSpec, ...]] = {
@@ -118,6 +138,15 @@ WEIGHT_SPECS: dict[str, tuple[WeightSpec, ...]] = {
             "arch",
             "open_clip architecture name or model-config JSON",
         ),
+        WeightSpec(
+            "preprocess",
+            "SDPO_HPSV2_PREPROCESS",
+            "open_clip",
+            "option",
+            "image preprocessing: open_clip (its PIL val transform, as the official evaluation) "
+            "or package (the hpsv2 package's tensor resize)",
+            probe="open_clip,package",
+        ),
     ),
     "clip": (
         WeightSpec(
@@ -146,9 +175,11 @@ WEIGHT_SPECS: dict[str, tuple[WeightSpec, ...]] = {
         WeightSpec(
             "mlp",
             "SDPO_AESTHETICS_MLP",
-            AESTHETICS_MLP_URL,
+            AESTHETICS_MLP_HUB,
             "file",
-            "LAION aesthetic MLP sac+logos+ava1-l14-linearMSE.pth",
+            f"LAION aesthetic MLP {AESTHETICS_MLP_NAME} (sha256 {AESTHETICS_MLP_SHA256[:12]}...)",
+            revision=AESTHETICS_MLP_REVISION,
+            sha256=AESTHETICS_MLP_SHA256,
         ),
     ),
     "imagereward": (
@@ -208,13 +239,55 @@ def _download_url(url: str) -> str:
     return str(target)
 
 
+def _sha256_file(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_sha256(scorer: str, spec: WeightSpec, value: str, path: str) -> str:
+    """The file of a pinned weight must have the published sha256: checked for the default
+    location, for URLs and for any local file carrying the original name (a renamed local file
+    is the user's own choice, e.g. the tiny test weights)."""
+    if spec.sha256 is None:
+        return path
+    original = Path(spec.default).name
+    named = Path(value.split("?")[0]).name.replace("%2B", "+") == original
+    if value == spec.default or named or value.startswith(("http://", "https://")):
+        got = _sha256_file(path)
+        if got != spec.sha256:
+            raise _fail(
+                scorer, spec, value, f"sha256 {got} of {path} is not the published {spec.sha256}"
+            )
+    return path
+
+
 def resolve_weight(scorer: str, spec: WeightSpec, value: str | None = None) -> str:
+    """Like :func:`_resolve_weight`, then the sha256 check of pinned files."""
+    value = value or os.environ.get(spec.env) or spec.default
+    path = _resolve_weight(scorer, spec, value)
+    return _check_sha256(scorer, spec, value, path) if spec.kind == "file" else path
+
+
+def _resolve_weight(scorer: str, spec: WeightSpec, value: str | None = None) -> str:
     """Turn a configured location into a local path (file/folder) or an architecture name.
 
     Order: ``value`` (keyword / CLI flag), then ``$spec.env``, then ``spec.default``.
     Raises :class:`WeightsNotFoundError` (one message naming the fix) if it cannot be had.
     """
     value = value or os.environ.get(spec.env) or spec.default
+    if spec.kind == "option":
+        choices = spec.probe.split(",")
+        if value not in choices:
+            raise ValueError(
+                f"{scorer}: --{scorer}_{spec.key} / {spec.env} must be one of {choices}, "
+                f"got {value!r}"
+            )
+        return value
     if spec.kind == "arch":
         # a registered name (checked when the model is built) or a model-config JSON file
         if value.endswith(".json") and not os.path.isfile(os.path.expanduser(value)):
@@ -245,7 +318,8 @@ def resolve_weight(scorer: str, spec: WeightSpec, value: str | None = None) -> s
             return value
         if len(parts) < 3:
             raise _fail(scorer, spec, value, "a hub file is 'owner/repo/path/in/repo'")
-        return hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]))
+        revision = spec.revision if value == spec.default else None
+        return hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]), revision=revision)
     except WeightsNotFoundError:
         raise
     except Exception as err:  # noqa: BLE001 - offline, missing repo, missing file: same fix
@@ -390,8 +464,9 @@ class HPSv2Scorer(_OpenClipCosine):
     def __init__(self, device="cpu", batch_size=16, **weights):
         super().__init__(device, batch_size)
         paths = resolve_weights(self.name, **weights)
-        model = self._build(paths["arch"])
-        self.preprocess = _hps_val_transform(model.visual.image_size)
+        model = self._build(paths["arch"])  # sets open_clip's own val transform
+        if paths["preprocess"] == "package":
+            self.preprocess = _hps_val_transform(model.visual.image_size)
         checkpoint = _torch_load(paths["checkpoint"])
         state_dict = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint
         _load_strict(model, state_dict, f"HPSv2 checkpoint {paths['checkpoint']}")
@@ -399,10 +474,12 @@ class HPSv2Scorer(_OpenClipCosine):
 
 
 def _hps_val_transform(image_size):
-    """HPSv2's val preprocessing (its vendored open_clip ``image_transform(is_train=False)``).
+    """The hpsv2 package's val preprocessing (its vendored open_clip
+    ``image_transform(is_train=False)``), used only with ``preprocess="package"``.
 
-    Unlike open_clip 3.x (PIL resize), HPS converts to a tensor first and resizes the tensor
-    (bicubic, antialiased); the difference moves scores by ~1e-4, so we follow the package.
+    Unlike open_clip 3.x (PIL resize), it converts to a tensor first and resizes the tensor
+    (bicubic, antialiased); scores move by 1e-4 to 3e-4. The official evaluation scores through
+    open_clip's own PIL transform, which is the default.
     """
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from torchvision import transforms as T

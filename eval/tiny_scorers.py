@@ -29,12 +29,14 @@ reused (its ``env.json`` is written last).
 
 from __future__ import annotations
 
-import argparse
 import json
 import string
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from sdpo.cli import arg, parse
 
 TINY_OPENCLIP_NAME = "sdpo-tiny-openclip"
 TINY_OPENCLIP_CONFIG = {
@@ -208,12 +210,31 @@ def build_tiny_scorers(path: str | Path, *, seed: int = 0) -> dict[str, str]:
     return env
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+@dataclass
+class TinyScorersConfig:
+    """Options of ``python -m eval.tiny_scorers``."""
+
+    path: str = arg(cli=False, help="folder to write the tiny scorer weights into")
+    seed: int = arg(0, "seed of the random weights")
+
+
+def _positional_path(parser) -> None:
     parser.add_argument("path", help="folder to write the tiny scorer weights into")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    args = parser.parse_args(argv)
-    for key, value in build_tiny_scorers(args.path, seed=args.seed).items():
+
+
+def parse_args(argv=None) -> TinyScorersConfig:
+    return parse(
+        TinyScorersConfig,
+        argv,
+        prog="python -m eval.tiny_scorers",
+        description=__doc__.split("\n")[0],
+        extend=_positional_path,  # a positional: the namespace fills the cli=False field
+    )
+
+
+def main(argv=None) -> None:
+    cfg = parse_args(argv)
+    for key, value in build_tiny_scorers(cfg.path, seed=cfg.seed).items():
         print(f"export {key}='{value}'")
 
 

@@ -8,7 +8,14 @@ import math
 import pytest
 
 from eval import compare
-from eval.compare import averages, compare_records, pair_indices, win_stats
+from eval.compare import (
+    CompareError,
+    averages,
+    compare_records,
+    compare_runs,
+    pair_indices,
+    win_stats,
+)
 
 
 def _records(prompts, **metric_values):
@@ -115,6 +122,7 @@ def test_compare_cli_on_score_files_writes_pair_files_and_summary(tmp_path, caps
             "--outdir",
             str(tmp_path / "out"),
             "--no_report",
+            "--pair_by_index",
         ]
     )
     summary = compare.main(cfg)
@@ -141,3 +149,112 @@ def test_compare_cli_on_score_files_writes_pair_files_and_summary(tmp_path, caps
         } <= set(pair_file)
     assert on_disk["macro_win_rate_a"] == pytest.approx(sum(expected.values()) / 5)
     assert on_disk["micro_win_rate_a"] == pytest.approx(sum(expected.values()) / 5)  # equal n
+
+
+def test_no_common_prompt_is_refused_unless_asked(tmp_path, capsys):
+    ra = _records(["p0", "p1"], m1=[1.0, 0.0])
+    rb = _records(["q0", "q1"], m1=[0.0, 0.0])
+    with pytest.raises(CompareError, match="share no prompt.*--pair_by_index"):
+        compare_records(ra, rb, ["m1"])
+    _, summary = compare_records(ra, rb, ["m1"], pair_by_index=True)
+    assert summary["pairing"] == "index" and summary["metrics"]["m1"]["win_rate_a"] == 0.75
+    assert any("paired by position" in w for w in summary["warnings"])
+    # the command line: one line on stderr, no traceback, exit status 1, nothing written
+    metrics = ["pickscore"]
+    fa = _write_jsonl(tmp_path / "a.scores.jsonl", _records(["p0"], pickscore=[1.0]))
+    fb = _write_jsonl(tmp_path / "b.scores.jsonl", _records(["q0"], pickscore=[0.0]))
+    argv = ["--json_a", str(fa), "--json_b", str(fb), "--metrics", metrics[0]]
+    with pytest.raises(SystemExit) as exit_info:
+        compare.cli([*argv, "--outdir", str(tmp_path / "out"), "--no_report"])
+    msg = str(exit_info.value.code)
+    assert msg.startswith("error: ") and "share no prompt" in msg and "\n" not in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_unpaired_prompts_and_differing_settings_are_warned_in_the_files(tmp_path, capsys):
+    def manifest(folder, prompts, scores, **settings):
+        folder.mkdir()
+        rows = [
+            {"prompt": p, "gen_image_path": f"{i}.png", "metadata": {"index": i, **settings}}
+            for i, p in enumerate(prompts)
+        ]
+        m = folder / "set_seed0.json"
+        m.write_text(json.dumps(rows))
+        recs = _records(prompts, pickscore=scores)
+        _write_jsonl(folder / "set_seed0.scores.jsonl", recs)
+        return folder / "set_seed0.scores.jsonl"
+
+    fa = manifest(tmp_path / "a", ["x", "y", "z"], [1.0, 2.0, 3.0], steps=50, cfg=7.5, seed=0)
+    fb = manifest(tmp_path / "b", ["x", "y"], [0.0, 5.0], steps=20, cfg=7.5, seed=0)
+    out = tmp_path / "out"
+    compare.main(
+        compare.parse_args(
+            [
+                "--json_a",
+                str(fa),
+                "--json_b",
+                str(fb),
+                "--metrics",
+                "pickscore",
+                "--outdir",
+                str(out),
+                "--no_report",
+            ]  # fmt: skip
+        )
+    )
+    printed = capsys.readouterr().out
+    warnings = json.loads((out / "summary.json").read_text())["warnings"]
+    assert any("1 of 3 in A" in w and "0 of 2 in B" in w for w in warnings)
+    assert any("steps = 50 for A but 20 for B" in w for w in warnings)
+    assert not any("cfg" in w for w in warnings)  # equal settings are not reported
+    assert printed.count("WARNING:") == len(warnings) == 2
+
+
+def test_seeds_pool_per_prompt_and_report_their_spread():
+    # two seeds x three prompts; per seed the k-th runs are paired by prompt
+    a0 = _records(["p", "q", "r"], m=[1.0, 1.0, 0.0])
+    b0 = _records(["r", "q", "p"], m=[1.0, 0.0, 0.0])  # p: win, q: win, r: loss
+    a1 = _records(["p", "q", "r"], m=[0.0, 2.0, 2.0])
+    b1 = _records(["p", "q", "r"], m=[1.0, 2.0, 0.0])  # p: loss, q: tie, r: win
+    files, summary = compare_runs([a0, a1], [b0, b1], ["m"], seeds=[0, 1], resamples=200)
+    s = summary["metrics"]["m"]
+    assert (s["n"], s["n_prompts"], summary["n_seeds"]) == (6, 3, 2)
+    assert (s["wins_a"], s["wins_b"], s["ties"]) == (3, 2, 1)
+    assert s["win_rate_a"] == pytest.approx(3.5 / 6)
+    # per prompt pooled over seeds: w = (p .5, q .75, r .5), d = (p 0, q .5, r .5)
+    assert s["mean_diff"] == pytest.approx((0 + 0.5 + 0.5) / 3)
+    seeds = {x["seed"]: x for x in s["per_seed"]}
+    assert seeds[0]["win_rate_a"] == pytest.approx(2 / 3) and seeds[1]["win_rate_a"] == 0.5
+    assert seeds[0]["mean_diff"] == pytest.approx(1 / 3) and seeds[1]["mean_diff"] == pytest.approx(
+        1 / 3
+    )
+    # sample sd of two values x, y is |x - y| / sqrt(2)
+    assert s["seed_sd_win_rate_a"] == pytest.approx((2 / 3 - 0.5) / math.sqrt(2))
+    assert s["seed_sd_mean_diff"] == pytest.approx(0.0)
+    # sign test over prompts: q won (w > .5), p and r tied at .5 -> 1 win, 0 losses -> p = 1
+    assert s["sign_test_p"] == 1.0
+    assert {p["seed"] for p in files["m"]["pairs"]} == {0, 1}
+
+
+def test_ties_as_loss_for_a():
+    ra = _records(["a", "b", "c", "d"], m=[1.0, 1.0, 2.0, 0.0])
+    rb = _records(["a", "b", "c", "d"], m=[1.0, 1.0, 1.0, 1.0])
+    _, half = compare_records(ra, rb, ["m"])
+    _, loss = compare_records(ra, rb, ["m"], ties_as_loss_for_a=True)
+    assert half["metrics"]["m"]["win_rate_a"] == 0.5
+    assert loss["metrics"]["m"]["win_rate_a"] == 0.25 and loss["macro_win_rate_a"] == 0.25
+    assert loss["ties_as_loss_for_a"] is True
+
+
+def test_console_table_stays_aligned_with_long_labels():
+    ra = _records(["a", "b"], pickscore=[1.0, 0.0], clip=[0.5, 0.5])
+    rb = _records(["a", "b"], pickscore=[0.0, 1.0], clip=[0.5, 0.4])
+    label = "checkpoint-2000 of a run with a very long name"
+    _, summary = compare_records(ra, rb, ["pickscore", "clip"], label, "base")
+    lines = compare.format_summary(summary).splitlines()
+    table = [ln for ln in lines if " | " in ln]
+    assert len(table) == 3 and len({len(ln) for ln in table}) == 1
+    # every column separator sits at the same position in every row
+    cols = [[i for i, ch in enumerate(ln) if ch == "|"] for ln in table]
+    assert cols[0] == cols[1] == cols[2]
+    assert f"A = {label}" in compare.format_summary(summary)

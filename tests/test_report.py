@@ -92,6 +92,13 @@ def test_compare_writes_report_that_parses_and_embeds_decodable_images(ab, tmp_p
     text = "".join(parser.text)
     assert text.count(" <b>&</b>") == 5  # the 5 sampled prompts, shown as text (escaped)
     assert f"{100 * summary['macro_win_rate_a']:.1f}%" in text
+    lo, hi = summary["macro_win_rate_a_ci"]
+    assert f"[{100 * lo:.1f}, {100 * hi:.1f}]" in text  # the interval is shown with the average
+    # what was compared, how the cards are ordered, one histogram of differences per metric
+    assert "What was compared" in text and str(a.resolve()) in text and str(b.resolve()) in text
+    assert "Ordering:" in text and "evenly spaced ranks" in text
+    assert page.count("<figure class='hist'>") == len(METRICS)
+    assert "p Wilcoxon" in text and "95% CI" in text
     for m in METRICS:
         assert f"{100 * summary['metrics'][m]['win_rate_a']:.1f}%" in text
     # 5 sampled prompts x (A, B); each image is embedded and decodes to a thumbnail
@@ -144,7 +151,7 @@ def test_report_sample_spans_best_to_worst(ab, tmp_path):
     )
     assert paths[0] == tmp_path / "r.html" and paths[1].is_file()
     with Image.open(paths[1]) as grid:
-        assert grid.height == 28 + 3 * (64 + 6) + 6
+        assert grid.height == 26 + 28 + 3 * (64 + 6) + 6  # title, labels, 3 rows
 
 
 def test_test_vs_script_end_to_end_on_cached_scores(ab, tmp_path):

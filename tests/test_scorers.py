@@ -90,8 +90,31 @@ def _load_vendored_hps_open_clip():
     return module
 
 
-def test_hpsv2_identical_to_package_code(tiny_env, images, monkeypatch):
+def test_hpsv2_default_is_open_clips_own_transform(tiny_env, images):
+    """The official evaluation's path: open_clip's PIL val transform on the HPS weights."""
+    import open_clip
+
     ours = get_scorer("hpsv2", batch_size=4).score(images, PROMPTS)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        TINY_OPENCLIP_NAME, pretrained=None
+    )
+    checkpoint = torch.load(tiny_env["SDPO_HPSV2_CHECKPOINT"], map_location="cpu")
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    tok = open_clip.get_tokenizer(TINY_OPENCLIP_NAME)
+    with torch.no_grad():
+        fi = model.encode_image(torch.stack([preprocess(im) for im in images]), normalize=True)
+        ft = model.encode_text(tok(PROMPTS), normalize=True)
+    torch.testing.assert_close(ours, (fi * ft).sum(-1), atol=1e-6, rtol=0)
+    # the package's tensor-resize variant is another number (only with the flag)
+    package = get_scorer("hpsv2", batch_size=4, preprocess="package").score(images, PROMPTS)
+    assert not torch.allclose(ours, package, atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match="--hpsv2_preprocess"):
+        get_scorer("hpsv2", preprocess="bilinear")
+
+
+def test_hpsv2_package_variant_identical_to_package_code(tiny_env, images, monkeypatch):
+    ours = get_scorer("hpsv2", batch_size=4, preprocess="package").score(images, PROMPTS)
     # hpsv2.img_score.score's steps on its vendored open_clip: val preprocessing, its tokenizer,
     # model(image, text) -> normalised features, diag(image_features @ text_features.T)
     oc = _load_vendored_hps_open_clip()
@@ -342,3 +365,40 @@ def test_score_cli_errors_before_loading_models(tiny_env, tmp_path, monkeypatch)
         score_cli.score_manifests(cfg, scorer_factory=no_models)
     with pytest.raises(SystemExit):
         score_cli.parse_args(["--manifest", str(manifest), "--metrics", "clip,fid"])
+
+
+def test_aesthetics_mlp_is_pinned_by_revision_and_sha256(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from eval import scorers
+
+    spec = next(s for s in scorers.WEIGHT_SPECS["aesthetics"] if s.key == "mlp")
+    good = tmp_path / "hub" / scorers.AESTHETICS_MLP_NAME
+    good.parent.mkdir()
+    good.write_bytes(b"not the real MLP")
+    calls = []
+
+    def fake_download(repo, filename, revision=None):
+        calls.append((repo, filename, revision))
+        return str(good)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.delenv(spec.env, raising=False)
+    # the default is a hub file at a fixed commit; its bytes must have the published sha256
+    with pytest.raises(WeightsNotFoundError, match="sha256 .* is not the published"):
+        scorers.resolve_weight("aesthetics", spec)
+    assert calls == [("trojblue/clip-aesthetics", scorers.AESTHETICS_MLP_NAME,
+                      scorers.AESTHETICS_MLP_REVISION)]  # fmt: skip
+    assert len(scorers.AESTHETICS_MLP_REVISION) == 40
+    # a local download under the original name is checked too; a renamed file is the user's own
+    with pytest.raises(WeightsNotFoundError, match="sha256"):
+        scorers.resolve_weight("aesthetics", spec, str(good))
+    mine = tmp_path / "my_mlp.pth"
+    mine.write_bytes(b"x")
+    assert scorers.resolve_weight("aesthetics", spec, str(mine)) == str(mine)
+    # the right bytes pass (checked with a spec whose published hash is that of the test file)
+    import dataclasses
+    import hashlib
+
+    ok = dataclasses.replace(spec, sha256=hashlib.sha256(good.read_bytes()).hexdigest())
+    assert scorers.resolve_weight("aesthetics", ok, str(good)) == str(good)

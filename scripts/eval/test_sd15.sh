@@ -10,9 +10,12 @@
 # `base`: outputs/eval_base_sd15/), one manifest + image folder per prompt set, named as the
 # reference ({set}_seed{S}_{H}x{W}_{steps}s_{cfg}cfg.json), the per-image scores and summaries of
 # eval.score beside each manifest, and summary_*.json over all sets. Rerunning resumes.
+# SEEDS=0,1,2 generates every set once per seed (one manifest per seed, named as above); compare
+# them with test_vs.sh --json_a A_seed0.json A_seed1.json ... (seeds pooled per prompt).
 #
 # Environment (defaults in brackets):
-#   SIZE [512]  STEP [50]  CFG [7.5]  SEED [0]  BATCH_SIZE [1]  DTYPE [bf16]
+#   SIZE [512]  STEP [50]  CFG [7.5]  SEEDS [0] (comma list; SEED is the one-seed spelling)
+#   BATCH_SIZE [1]  DTYPE [bf16]
 #   MODEL_NAME [stable-diffusion-v1-5/stable-diffusion-v1-5]  VAE [auto]
 #   SETS [papv2,hpsv2,partiprompts] (set names or prompt files)  METRICS [all] (`none`: no scoring)
 #   PROMPTS_FROM [] folder to copy missing paper prompt files from (offline) instead of downloading
@@ -34,7 +37,7 @@ else
 fi
 STEP="${STEP:-50}"
 CFG="${CFG:-7.5}"
-SEED="${SEED:-0}"
+SEEDS="${SEEDS:-${SEED:-0}}"
 BATCH_SIZE="${BATCH_SIZE:-1}"
 DTYPE="${DTYPE:-bf16}"
 VAE="${VAE:-auto}"
@@ -45,6 +48,11 @@ SCORE_BATCH_SIZE="${SCORE_BATCH_SIZE:-16}"
 PYTHON="${PYTHON:-python}"
 
 usage="usage: bash $0 <unet.pth | UNet folder | base> [extra eval.generate args]"
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  echo "$usage"
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  exit 0
+fi
 UNET="${1:-}"
 if [[ -z "$UNET" ]]; then
   echo "$usage" >&2
@@ -97,16 +105,27 @@ else
   LAUNCH=("$PYTHON" -m eval.generate)
 fi
 
+IFS=',' read -r -a SEED_LIST <<< "$SEEDS"
+for seed in "${SEED_LIST[@]}"; do
+  if ! [[ "$seed" =~ ^[0-9]+$ ]]; then
+    echo "error: SEEDS must be a comma list of integers, got '$SEEDS'" >&2
+    exit 2
+  fi
+done
+
 MANIFESTS=()
-for s in "${SET_LIST[@]}"; do
-  GEN_ARGS=(--pretrained_model_name_or_path "$MODEL_NAME" "${KIND_FLAG[@]}" --vae "$VAE"
-    "${UNET_ARGS[@]}" --prompts "$s" --prompts_dir "$PROMPTS_DIR" --outdir "$OUT" --size "$SIZE" --steps "$STEP"
-    --cfg "$CFG" --seed "$SEED" --batch_size "$BATCH_SIZE" --dtype "$DTYPE" "${EXTRA[@]}")
-  # The manifest's name comes from eval.generate itself (same arguments), not from a log.
-  MANIFEST="$("$PYTHON" -m eval.generate "${GEN_ARGS[@]}" --print_manifest_path | tail -n 1)"
-  echo "+ ${LAUNCH[*]} ${GEN_ARGS[*]}"
-  "${LAUNCH[@]}" "${GEN_ARGS[@]}"
-  MANIFESTS+=("$MANIFEST")
+for seed in "${SEED_LIST[@]}"; do
+  for s in "${SET_LIST[@]}"; do
+    GEN_ARGS=(--pretrained_model_name_or_path "$MODEL_NAME" "${KIND_FLAG[@]}" --vae "$VAE"
+      "${UNET_ARGS[@]}" --prompts "$s" --prompts_dir "$PROMPTS_DIR" --outdir "$OUT" --size "$SIZE"
+      --steps "$STEP" --cfg "$CFG" --seed "$seed" --batch_size "$BATCH_SIZE" --dtype "$DTYPE"
+      ${EXTRA[@]+"${EXTRA[@]}"})
+    # The manifest's name comes from eval.generate itself (same arguments), not from a log.
+    MANIFEST="$("$PYTHON" -m eval.generate "${GEN_ARGS[@]}" --print_manifest_path | tail -n 1)"
+    echo "+ ${LAUNCH[*]} ${GEN_ARGS[*]}"
+    "${LAUNCH[@]}" "${GEN_ARGS[@]}"
+    MANIFESTS+=("$MANIFEST")
+  done
 done
 
 if [[ "$METRICS" == none ]]; then
@@ -114,7 +133,7 @@ if [[ "$METRICS" == none ]]; then
   printf '  %s\n' "${MANIFESTS[@]}"
   exit 0
 fi
-SUMMARY="$OUT/summary_seed${SEED}_${SIZE}x${SIZE}_${STEP}s_${CFG}cfg.json"
+SUMMARY="$OUT/summary_seed${SEEDS//,/-}_${SIZE}x${SIZE}_${STEP}s_${CFG}cfg.json"
 SCORE=("$PYTHON" -m eval.score --manifest "${MANIFESTS[@]}" --metrics "$METRICS"
   --device "$DEVICE" --batch_size "$SCORE_BATCH_SIZE" --summary_out "$SUMMARY")
 echo "+ ${SCORE[*]}"

@@ -9,4 +9,9 @@
 # MODEL_NAME [stabilityai/stable-diffusion-xl-base-1.0], VAE [auto = fp16-fix], SETS, METRICS,
 # PROMPTS_FROM, OUTDIR, NUM_PROCESSES, DEVICE, SCORE_BATCH_SIZE, PYTHON); see that file.
 set -euo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  echo "usage: bash $0 <unet.pth | UNet folder | base> [extra eval.generate args]"
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  exit 0
+fi
 EVAL_KIND=sdxl exec bash "$(dirname "${BASH_SOURCE[0]}")/test_sd15.sh" "$@"

@@ -11,6 +11,14 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 python="${PYTHON:-python}"
+for a in "$@"; do
+  if [[ "$a" == -h || "$a" == --help ]]; then
+    # --help: the recipe's flags are train.py's (the recipe's own come first, the user's win)
+    echo "usage: bash scripts/train/<recipe>.sh [extra train.py flags]   (env: see _launch.sh)"
+    echo "recipe flags: ${*/%--help/} ; the flags of train.py:"
+    exec "$python" "$repo/train.py" --help
+  fi
+done
 : "${MODEL_NAME:?MODEL_NAME must be set by the recipe}"
 DATASET_NAME="${DATASET_NAME:-yuvalkirstain/pickapic_v2}"
 : "${OUTPUT_DIR:?OUTPUT_DIR must be set by the recipe}"
