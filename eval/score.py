@@ -209,7 +209,8 @@ def summarize(records: list[dict], metrics: list[str]) -> dict[str, dict[str, fl
 
 
 def format_table(rows: dict[str, dict[str, dict[str, float]]], metrics: list[str]) -> str:
-    """Plain-text table: one row per label, ``mean ± std`` per metric."""
+    """Plain-text table: one row per label, ``mean ± sd`` per metric (the sd is the spread of the
+    scores over the images, said under the table: it is not an uncertainty of the mean)."""
     width = max([len("set")] + [len(k) for k in rows])
     head = f"{'set':<{width}} | " + " | ".join(f"{m:>20}" for m in metrics)
     lines = [head, "-" * len(head)]
@@ -219,6 +220,10 @@ def format_table(rows: dict[str, dict[str, dict[str, float]]], metrics: list[str
             s = summary.get(m)
             cells.append(f"{s['mean']:>10.4f} ± {s['std']:<7.4f}" if s and s["n"] else f"{'-':>20}")
         lines.append(f"{label:<{width}} | " + " | ".join(cells))
+    lines.append(
+        "(mean ± sd over images; the sd is their spread, not an uncertainty: for intervals and "
+        "p-values compare runs with eval.compare)"
+    )
     return "\n".join(lines)
 
 
