@@ -402,10 +402,14 @@ def to_html(markdown_rows: list[dict], metrics, baseline, pngs: dict[str, bytes]
         best = {
             m: max((r["mean"] for r in rs if r["metric"] == m), default=math.nan) for m in metrics
         }
-        parts.append(f"<h2>{html.escape(prompt_set)}</h2><table><tr><th>run</th><th>step</th>")
+        parts.append(
+            f"<h2>{html.escape(prompt_set)}</h2><table><tr><th>run</th><th>step</th>"
+            "<th>prompts &times; seeds</th>"
+        )
         parts.append("".join(f"<th>{html.escape(m)}</th>" for m in metrics) + "</tr>")
         for run in runs:
-            step = next(r["step"] for r in rs if r["run"] == run)
+            first = next(r for r in rs if r["run"] == run)
+            step = first["step"]
             tds = []
             for m in metrics:
                 r = cell.get((run, m))
@@ -426,6 +430,7 @@ def to_html(markdown_rows: list[dict], metrics, baseline, pngs: dict[str, bytes]
                 )
             parts.append(
                 f"<tr><td>{html.escape(run)}</td><td>{'' if step is None else step}</td>"
+                f"<td>{first['n_prompts']} &times; {len(first['seeds'])}</td>"
                 + "".join(tds)
                 + "</tr>"
             )
