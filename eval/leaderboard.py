@@ -345,9 +345,13 @@ def plot_steps(rows: list[dict], metric: str, baseline: str):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for n, prompt_set in enumerate(sorted({r["prompt_set"] for r in series})):
+    sets = sorted({r["prompt_set"] for r in series})
+    steps = [r["step"] for r in series]
+    # the sets' points are nudged apart along x so that their interval bars do not overlap
+    nudge = 0.012 * ((max(steps) - min(steps)) or 1)
+    for n, prompt_set in enumerate(sets):
         pts = sorted((r for r in series if r["prompt_set"] == prompt_set), key=lambda r: r["step"])
-        x = [r["step"] for r in pts]
+        x = [r["step"] + nudge * (n - (len(sets) - 1) / 2) for r in pts]
         y = [r["mean"] for r in pts]
         err = [
             [r["mean"] - r["mean_ci"][0] for r in pts],
