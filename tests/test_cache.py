@@ -33,7 +33,6 @@ def _both(ds, cache_dir, *, seed, paired, proportion_empty_prompts):
     aug = Augment(resolution=32, seed=seed, proportion_empty_prompts=proportion_empty_prompts)
     return PreferencePairs(ds, aug, paired=paired), CachedPairs(cache_dir, aug, paired=paired)
 
-
 STATE = SimpleNamespace(
     process_index=0,
     num_processes=1,
