@@ -117,6 +117,13 @@ class CompareConfig:
         default_factory=dict, cli=False, help="metric -> {key: location} (the weight flags)"
     )
 
+    def __post_init__(self):
+        # one file per side is accepted as a plain string (programmatic use)
+        if isinstance(self.json_a, str):
+            self.json_a = [self.json_a]
+        if isinstance(self.json_b, str):
+            self.json_b = [self.json_b]
+
     @property
     def report(self) -> bool:
         return not self.no_report

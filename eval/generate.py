@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from eval.prompts import PromptSetError, load_prompt_entries, set_name
@@ -200,6 +200,7 @@ class Plan:
     manifest: Path
     image_dir: Path
     provenance: dict
+    created: list[Path] = field(default_factory=list)  # folders this run made (innermost last)
 
 
 def weights_sha256(unet_kind: str, unet_file: str | None) -> str | None:
@@ -346,15 +347,19 @@ def discard_if_empty(plan: Plan) -> None:
         return
     (d / "generation_config.json").unlink(missing_ok=True)
     io.remove_stale(d)
-    try:
-        d.rmdir()
-    except OSError:
-        pass  # something else is in there: not ours to delete
+    # the image folder, and the folders above it that this run created, if now empty
+    for folder in [d, *[c for c in reversed(plan.created) if c != d]]:
+        try:
+            folder.rmdir()
+        except OSError:
+            break  # something else is in there: not ours to delete
 
 
 def prepare_output(plan: Plan) -> None:
     """Main process: create the image folder, drop leftovers of interrupted writes, record the
     run settings."""
+    missing = [d for d in (plan.image_dir, *plan.image_dir.parents) if not d.exists()]
+    plan.created = missing[::-1]
     plan.image_dir.mkdir(parents=True, exist_ok=True)
     io.remove_stale(plan.image_dir)
     _write_json(plan.image_dir / "generation_config.json", plan.provenance)

@@ -345,9 +345,13 @@ def plot_steps(rows: list[dict], metric: str, baseline: str):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for n, prompt_set in enumerate(sorted({r["prompt_set"] for r in series})):
+    sets = sorted({r["prompt_set"] for r in series})
+    steps = [r["step"] for r in series]
+    # the sets' points are nudged apart along x so that their interval bars do not overlap
+    nudge = 0.012 * ((max(steps) - min(steps)) or 1)
+    for n, prompt_set in enumerate(sets):
         pts = sorted((r for r in series if r["prompt_set"] == prompt_set), key=lambda r: r["step"])
-        x = [r["step"] for r in pts]
+        x = [r["step"] + nudge * (n - (len(sets) - 1) / 2) for r in pts]
         y = [r["mean"] for r in pts]
         err = [
             [r["mean"] - r["mean_ci"][0] for r in pts],
@@ -402,10 +406,14 @@ def to_html(markdown_rows: list[dict], metrics, baseline, pngs: dict[str, bytes]
         best = {
             m: max((r["mean"] for r in rs if r["metric"] == m), default=math.nan) for m in metrics
         }
-        parts.append(f"<h2>{html.escape(prompt_set)}</h2><table><tr><th>run</th><th>step</th>")
+        parts.append(
+            f"<h2>{html.escape(prompt_set)}</h2><table><tr><th>run</th><th>step</th>"
+            "<th>prompts &times; seeds</th>"
+        )
         parts.append("".join(f"<th>{html.escape(m)}</th>" for m in metrics) + "</tr>")
         for run in runs:
-            step = next(r["step"] for r in rs if r["run"] == run)
+            first = next(r for r in rs if r["run"] == run)
+            step = first["step"]
             tds = []
             for m in metrics:
                 r = cell.get((run, m))
@@ -426,6 +434,7 @@ def to_html(markdown_rows: list[dict], metrics, baseline, pngs: dict[str, bytes]
                 )
             parts.append(
                 f"<tr><td>{html.escape(run)}</td><td>{'' if step is None else step}</td>"
+                f"<td>{first['n_prompts']} &times; {len(first['seeds'])}</td>"
                 + "".join(tds)
                 + "</tr>"
             )

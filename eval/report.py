@@ -144,13 +144,15 @@ def _metric_table(summary: dict) -> str:
     a, b = html.escape(summary["label_a"]), html.escape(summary["label_b"])
     level = round(100 * summary.get("ci_level", stats.LEVEL))
     seeds = summary.get("n_seeds", 1)
-    seed_head = "<th>between-seed sd of win rate</th>" if seeds > 1 else ""
+    seed_head = "<th>between-seed sd of win rate A</th>" if seeds > 1 else ""
+    # the labels go in a legend: long run names in every header would widen the table
     out = [
+        f"<p class='legend'><b>A</b> = {a} &nbsp;&nbsp; <b>B</b> = {b}</p>",
         "<table class='metrics'><tr><th>metric</th><th>pairs</th>"
-        f"<th>mean {a} (sd)</th><th>mean {b} (sd)</th><th>wins {a}</th><th>wins {b}</th>"
-        f"<th>ties</th><th>win rate {a} [{level}% CI]</th>"
-        f"<th>mean diff {a} &minus; {b} [{level}% CI]</th><th>p sign test</th>"
-        f"<th>p Wilcoxon</th><th>effect size d<sub>z</sub></th>{seed_head}</tr>"
+        "<th>mean A (sd)</th><th>mean B (sd)</th><th>wins A</th><th>wins B</th>"
+        f"<th>ties</th><th>win rate A [{level}% CI]</th>"
+        f"<th>mean diff A &minus; B [{level}% CI]</th><th>p sign test</th>"
+        f"<th>p Wilcoxon</th><th>effect size d<sub>z</sub></th>{seed_head}</tr>",
     ]
     for m, s in summary["metrics"].items():
         pct = 100 * s["win_rate_a"]
@@ -215,11 +217,11 @@ def _provenance(summary: dict) -> str:
         return ""
     head = "".join(f"<th>{html.escape(k)}</th>" for k in ["system", *keys])
     return (
-        "<h2>What was compared</h2><table class='prov'><tr>"
+        "<h2>What was compared</h2><div class='scroll'><table class='prov'><tr>"
         + head
         + "</tr>"
         + "".join(rows)
-        + "</table>"
+        + "</table></div>"
     )
 
 
@@ -298,16 +300,19 @@ _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;background:#fafafa;color:#222}
 table.metrics{border-collapse:collapse;margin-bottom:.5em}
 table.metrics td,table.metrics th{border:1px solid #ccc;padding:4px 10px;text-align:right}
-.bar{position:relative;width:180px;height:18px;background:#f3c6c6}
+.bar{position:relative;width:200px;height:22px;background:#f3c6c6}
 .fill{position:absolute;left:0;top:0;bottom:0;background:#8fcf8f}
-.bar span{position:relative;font-size:12px;padding-left:4px}
+.bar span{position:relative;font-size:12px;padding-left:4px;white-space:nowrap}
 .card{display:inline-block;vertical-align:top;margin:8px;padding:8px;background:#fff;
-border:1px solid #ddd;border-radius:6px;max-width:560px}
+border:1px solid #ddd;border-radius:6px;max-width:600px}
 .card p{margin:4px 0 8px 0;font-size:14px}
-.side{display:inline-block;vertical-align:top;margin-right:8px;text-align:center}
+.side{display:inline-block;vertical-align:top;margin-right:8px;text-align:center;width:270px;
+overflow-wrap:anywhere}
 .side ul{list-style:none;padding:0;margin:4px 0;font-size:12px;text-align:left}
 .win{font-weight:bold;color:#1a7f1a}
-.ci{position:absolute;top:7px;height:4px;background:#335}
+.ci{position:absolute;bottom:0;height:4px;background:#335}
+.legend{font-size:15px}
+.scroll{overflow-x:auto;max-width:100%}
 .note{font-size:13px;color:#555;max-width:1100px}
 table.prov{border-collapse:collapse;font-size:12px}
 table.prov td,table.prov th{border:1px solid #ddd;padding:2px 6px;text-align:left}
@@ -361,8 +366,8 @@ def render_grid(
     thumb: int,
     title: str = "",
 ):
-    """PIL image: a title line, a header row with the labels, then one row per prompt
-    (A | B | prompt text and each metric's two scores, the higher marked)."""
+    """PIL image: the title (naming A and B, wrapped), a header row A | B, then one row per
+    prompt (A | B | prompt text and each metric's two scores, A's compared with B's)."""
     import textwrap
 
     from PIL import Image, ImageDraw, ImageFont
@@ -372,22 +377,31 @@ def render_grid(
     except TypeError:  # Pillow < 10.1 has no sized default font
         font = ImageFont.load_default()
     text_w, pad, head = 340, 6, 28
-    top = 26 if title else 0
     width = 2 * thumb + text_w + 4 * pad
+    # the title (which names A and B) wrapped to the canvas; the columns are headed A and B
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_lines: list[str] = []
+    for word in title.split():
+        trial = f"{title_lines[-1]} {word}" if title_lines else word
+        if title_lines and probe.textlength(trial, font=font) <= width - 2 * pad:
+            title_lines[-1] = trial
+        else:
+            title_lines.append(word)
+    top = 8 + 18 * len(title_lines) if title_lines else 0
     height = top + head + len(samples) * (thumb + pad) + pad
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((pad, 6), title, fill="black", font=font)
-    draw.text((pad, top + 6), label_a, fill="black", font=font)
-    draw.text((2 * pad + thumb, top + 6), label_b, fill="black", font=font)
+    if title_lines:
+        draw.multiline_text((pad, 6), "\n".join(title_lines), fill="black", font=font, spacing=4)
+    draw.text((pad, top + 6), "A", fill="black", font=font)
+    draw.text((2 * pad + thumb, top + 6), "B", fill="black", font=font)
     line_h = 17
     for row, (s, ia, ib) in enumerate(zip(samples, images_a, images_b)):
         y = top + head + row * (thumb + pad)
         canvas.paste(ia, (pad, y))
         canvas.paste(ib, (2 * pad + thumb, y))
         score_lines = [
-            f"{m}: {sa:.3f} {'>' if sa > sb else ('<' if sa < sb else '=')} {sb:.3f}"
+            f"{m}: {sa:.4f} {'>' if sa > sb else ('<' if sa < sb else '=')} {sb:.4f}"
             for m, (sa, sb) in s["scores"].items()
         ]
         wins = sum(sa > sb for sa, sb in s["scores"].values())

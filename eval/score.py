@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -209,7 +210,8 @@ def summarize(records: list[dict], metrics: list[str]) -> dict[str, dict[str, fl
 
 
 def format_table(rows: dict[str, dict[str, dict[str, float]]], metrics: list[str]) -> str:
-    """Plain-text table: one row per label, ``mean ± std`` per metric."""
+    """Plain-text table: one row per label, ``mean ± sd`` per metric (the sd is the spread of the
+    scores over the images, said under the table: it is not an uncertainty of the mean)."""
     width = max([len("set")] + [len(k) for k in rows])
     head = f"{'set':<{width}} | " + " | ".join(f"{m:>20}" for m in metrics)
     lines = [head, "-" * len(head)]
@@ -219,6 +221,10 @@ def format_table(rows: dict[str, dict[str, dict[str, float]]], metrics: list[str
             s = summary.get(m)
             cells.append(f"{s['mean']:>10.4f} ± {s['std']:<7.4f}" if s and s["n"] else f"{'-':>20}")
         lines.append(f"{label:<{width}} | " + " | ".join(cells))
+    lines.append(
+        "(mean ± sd over images; the sd is their spread, not an uncertainty: for intervals and "
+        "p-values compare runs with eval.compare)"
+    )
     return "\n".join(lines)
 
 
@@ -248,11 +254,29 @@ def resolve_device(device: str) -> str:
 # ---------------------------------------------------------------- scoring
 
 
+def scorer_id(metric: str, weights: dict[str, str] | None = None) -> str:
+    """A short id of how ``metric`` is configured: its weight locations and options as given
+    (flag, else environment, else default; not resolved, so no download) and the scorer's
+    revision. A stored score is reused only under the same id: switching the HPSv2
+    preprocessing or pointing a flag at other weights recomputes that metric."""
+    from eval.scorers import SCORER_REVISIONS, WEIGHT_SPECS
+
+    weights = weights or {}
+    parts = {
+        spec.key: weights.get(spec.key) or os.environ.get(spec.env) or spec.default
+        for spec in WEIGHT_SPECS[metric]
+    }
+    parts["_revision"] = SCORER_REVISIONS.get(metric, 1)
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def prepare(cfg: ScoreConfig) -> list[tuple[Path, list[dict], list[dict]]]:
     """Validate everything cheap first; return (manifest, entries, records to complete) each.
 
-    Records keep every stored metric of an entry whose prompt and image bytes are unchanged.
-    Raises one error listing all missing images, then one for missing weights.
+    Records keep every stored metric of an entry whose prompt and image bytes are unchanged and
+    whose scorer id (:func:`scorer_id`) is the current one (a record without ids, written before
+    they existed, is trusted). Raises one error listing all missing images, then one for missing
+    weights.
     """
     jobs, missing = [], []
     for manifest in cfg.manifests:
@@ -272,6 +296,7 @@ def prepare(cfg: ScoreConfig) -> list[tuple[Path, list[dict], list[dict]]]:
             "looked up beside the manifest, then in the working directory; --image_root sets "
             f"the folder they start from):\n  {shown}{more}"
         )
+    ids = {m: scorer_id(m, cfg.weights.get(m)) for m in cfg.metrics}
     out = []
     for manifest, entries in jobs:
         old = read_scores(scores_path(manifest))
@@ -291,7 +316,18 @@ def prepare(cfg: ScoreConfig) -> list[tuple[Path, list[dict], list[dict]]]:
                 and prev.get("prompt") == rec["prompt"]
                 and prev.get("image_sha1") == rec["image_sha1"]
             ):
-                rec.update({m: prev[m] for m in METRICS if prev.get(m) is not None})
+                stored = prev.get("scorer_ids") or {}
+                # a stored score stays unless both ids are known and differ
+                keep = [
+                    m
+                    for m in METRICS
+                    if prev.get(m) is not None
+                    and not (m in stored and m in ids and stored[m] != ids[m])
+                ]
+                rec.update({m: prev[m] for m in keep})
+                kept_ids = {m: stored[m] for m in keep if m in stored}
+                if kept_ids:
+                    rec["scorer_ids"] = kept_ids
             records.append(rec)
         out.append((manifest, entries, records))
     return out
@@ -316,8 +352,9 @@ def score_manifests(cfg: ScoreConfig, scorer_factory=None) -> dict[str, dict]:
             m: scorer_factory(m, device=device, batch_size=cfg.batch_size, **resolved[m])
             for m in needed
         }
+        ids = {m: scorer_id(m, cfg.weights.get(m)) for m in needed}
         for manifest, _entries, records in jobs:
-            _score_records(manifest, records, scorers, cfg)
+            _score_records(manifest, records, scorers, cfg, ids)
     summaries = {}
     for manifest, _entries, records in jobs:
         write_scores(scores_path(manifest), records)
@@ -331,7 +368,9 @@ def score_manifests(cfg: ScoreConfig, scorer_factory=None) -> dict[str, dict]:
     return summaries
 
 
-def _score_records(manifest: Path, records: list[dict], scorers: dict, cfg: ScoreConfig) -> None:
+def _score_records(
+    manifest: Path, records: list[dict], scorers: dict, cfg: ScoreConfig, ids: dict[str, str]
+) -> None:
     from tqdm.auto import tqdm
 
     todo = [r for r in records if any(r.get(m) is None for m in scorers)]
@@ -357,6 +396,7 @@ def _score_records(manifest: Path, records: list[dict], scorers: dict, cfg: Scor
                 values = scorer.score([images[j] for j in rows], [prompts[j] for j in rows])
                 for j, v in zip(rows, values.tolist()):
                     batch[j][metric] = float(v)
+                    batch[j].setdefault("scorer_ids", {})[metric] = ids[metric]
             if (k + 1) % cfg.save_every == 0:
                 write_scores(scores_path(manifest), records)
 

@@ -83,6 +83,11 @@ AESTHETICS_MLP_URL = (  # the original location (still accepted; checked against
 )
 
 
+# Bumped when a scorer's computation changes (cached scores of the old one are then recomputed):
+# hpsv2 2 = open_clip's own PIL preprocessing by default.
+SCORER_REVISIONS = {"pickscore": 1, "hpsv2": 2, "clip": 1, "aesthetics": 1, "imagereward": 1}
+
+
 class WeightsNotFoundError(FileNotFoundError):
     """A scorer weight could not be found locally nor fetched (the message says how to fix it)."""
 

@@ -258,3 +258,27 @@ def test_console_table_stays_aligned_with_long_labels():
     cols = [[i for i, ch in enumerate(ln) if ch == "|"] for ln in table]
     assert cols[0] == cols[1] == cols[2]
     assert f"A = {label}" in compare.format_summary(summary)
+
+
+@pytest.mark.parametrize("module", ["eval.compare", "eval.score", "eval.leaderboard"])
+def test_missing_manifest_is_one_line_without_traceback(module, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    missing = str(tmp_path / "nope.json")
+    argv = {
+        "eval.compare": ["--json_a", missing, "--json_b", missing],
+        "eval.score": ["--manifest", missing],
+        "eval.leaderboard": ["--runs", missing, "--outdir", str(tmp_path / "b")],
+    }[module]
+    r = subprocess.run(
+        [sys.executable, "-m", module, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(compare.__file__).resolve().parents[1],
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "nope.json" in lines[0]

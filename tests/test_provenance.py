@@ -74,5 +74,5 @@ def test_text_file_as_unet_is_one_line_and_leaves_no_folder(sd15, tmp_path):
     err = r.stderr.strip().splitlines()
     assert err[-1].startswith("error: ") and "is not a PyTorch state_dict file" in err[-1]
     assert "Traceback" not in r.stderr and "weights_only" not in r.stderr
-    # the image folder made before loading was removed again: nothing left behind
-    assert not any(p.is_dir() for p in out.iterdir()) if out.exists() else True
+    # the output folders made before loading were removed again: nothing left behind
+    assert not out.exists()

@@ -402,3 +402,28 @@ def test_aesthetics_mlp_is_pinned_by_revision_and_sha256(tmp_path, monkeypatch):
 
     ok = dataclasses.replace(spec, sha256=hashlib.sha256(good.read_bytes()).hexdigest())
     assert scorers.resolve_weight("aesthetics", ok, str(good)) == str(good)
+
+
+def test_cached_scores_of_another_scorer_configuration_are_recomputed(tiny_env, tmp_path):
+    manifest = _manifest(tmp_path / "run", PROMPTS[:2], seed=4)
+    scores_file = manifest.with_name(manifest.stem + ".scores.jsonl")
+    argv = ["--manifest", str(manifest), "--metrics", "hpsv2,clip", "--device", "cpu"]
+    score_cli.score_manifests(score_cli.parse_args(argv))
+    first = score_cli.read_scores(scores_file)
+    assert all(set(r["scorer_ids"]) == {"hpsv2", "clip"} for r in first)
+    built = []
+
+    def counting(name, **kwargs):
+        built.append(name)
+        return get_scorer(name, **kwargs)
+
+    # same configuration: nothing is rebuilt
+    score_cli.score_manifests(score_cli.parse_args(argv), scorer_factory=counting)
+    assert built == []
+    # the HPSv2 preprocessing switched: hpsv2 is recomputed, clip is kept
+    cfg = score_cli.parse_args([*argv, "--hpsv2_preprocess", "package"])
+    score_cli.score_manifests(cfg, scorer_factory=counting)
+    assert built == ["hpsv2"]
+    second = score_cli.read_scores(scores_file)
+    assert [r["clip"] for r in second] == [r["clip"] for r in first]
+    assert all(a["scorer_ids"]["hpsv2"] != b["scorer_ids"]["hpsv2"] for a, b in zip(first, second))

@@ -80,8 +80,7 @@ else
   echo "error: $UNET not found ($usage)" >&2
   exit 1
 fi
-OUT="${OUTDIR:-$DEFAULT_OUT}"
-mkdir -p "$OUT"
+OUT="${OUTDIR:-$DEFAULT_OUT}"  # eval.generate creates it (and removes it again if it fails)
 
 # Paper prompt files missing from prompts/: fetch them (sha256-verified) first.
 IFS=',' read -r -a SET_LIST <<< "$SETS"
