@@ -408,17 +408,7 @@ def load_unet_strict(unet, path: str) -> None:
     from sdpo.families.weights import load_state_dict_file, load_strict
 
     try:
-        state = load_state_dict_file(path)
-    except ValueError as err:
-        raise GenerationError(str(err)) from None
-    except (IndexError, KeyError, AttributeError, TypeError) as err:
-        # what torch.load's unpickler raises on some non-checkpoint files (a text file: an
-        # IndexError), which the shared loader does not translate
-        raise GenerationError(
-            f"{path} is not a PyTorch state_dict file ({type(err).__name__}: {err})"
-        ) from None
-    try:
-        load_strict(unet, state, path)
+        load_strict(unet, load_state_dict_file(path), path)
     except ValueError as err:
         raise GenerationError(str(err)) from None
 

@@ -408,7 +408,9 @@ def cli(argv: list[str] | None = None) -> dict:
         build_parser().error(str(err))
     try:
         return main(cfg)
-    except NonFiniteStop as err:  # an expected end: one line (once), no traceback
+    except (NonFiniteStop, ValueError) as err:
+        # Expected ends (a run stopped by the guard; bad input found while loading: a data set
+        # without the needed columns, a --unet_init file that is no state dict): one line, once.
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"train.py: {err}", file=sys.stderr)
+            print(f"train.py: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

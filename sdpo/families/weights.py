@@ -24,11 +24,23 @@ def load_state_dict_file(path: str | Path) -> dict:
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        IndexError,  # what the unpickler raises on a text file
+        KeyError,
+        AttributeError,
+        TypeError,
+    ) as err:
         # torch's own message advises weights_only=False, which would execute the file: say
         # plainly that it is not a state dict instead.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path} is not a PyTorch state_dict file ({first})") from err
+        raise ValueError(
+            f"{path} is not a PyTorch state_dict file ({type(err).__name__}: {first})"
+        ) from err
     if not isinstance(state, dict):
         raise ValueError(f"{path} is not a state_dict (got {type(state).__name__})")
     for prefix in ("module.", "_orig_mod."):
