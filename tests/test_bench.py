@@ -6,6 +6,7 @@ import json
 from bench import bench_train
 from bench.flops import unet_flops_per_image
 from bench.reference_recipe import autograd_lambda
+from sdpo.families import get_family
 from sdpo.safeguard import winner_preserving_scale
 from sdpo.testing import realsize
 
@@ -45,7 +46,7 @@ def test_tiny_bench_writes_a_table_with_all_rows(tmp_path):
     text = results.read_text()
     assert text.startswith("# Benchmark results") and "TINY CPU MODE" in text
     for row in bench_train.ROWS:
-        assert f"| {row} | {bench_train.ROWS[row]} |" in text
+        assert f"| {row} | {bench_train.ROWS[row].what} |" in text
     assert "generation ≥ 6× batch-1 images/s" in text and "n/a (CPU/tiny)" in text
     assert json.loads(out_json.read_text())["config"]["tiny"] is True
 
@@ -63,9 +64,9 @@ def test_reference_autograd_lambda_equals_our_closed_form():
 
 
 def test_unet_flops_sd15_at_512():
-    unet = realsize.build_unet("sd15")
-    fwd = unet_flops_per_image(unet, 512)
-    fwd_bwd = unet_flops_per_image(unet, 512, backward=True)
+    unet, sd15 = realsize.build_unet("sd15"), get_family("sd15")
+    fwd = unet_flops_per_image(unet, sd15, (4, 64, 64))
+    fwd_bwd = unet_flops_per_image(unet, sd15, (4, 64, 64), backward=True)
     # The measurement: ~0.80 TFLOP per image per forward; backward ~ 2x forward.
     assert 0.79e12 < fwd < 0.81e12
     assert 2.9 < fwd_bwd / fwd < 3.1
@@ -73,5 +74,5 @@ def test_unet_flops_sd15_at_512():
     from sdpo.lora import add_lora
 
     add_lora(unet, 8)
-    lora = unet_flops_per_image(unet, 512, backward=True)
+    lora = unet_flops_per_image(unet, sd15, (4, 64, 64), backward=True)
     assert 1.8 < lora / fwd < 2.3
