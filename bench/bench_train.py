@@ -42,14 +42,10 @@ The table is printed, appended with card, date and configuration to ``--results`
 
 from __future__ import annotations
 
-import contextlib
-import datetime
-import gc
 import statistics
 import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # python bench/bench_train.py
@@ -57,6 +53,18 @@ if __package__ in (None, ""):  # python bench/bench_train.py
 
 import torch
 
+from bench.report import append_results, render, summary
+from bench.timing import (
+    Autocast,
+    autocast_ctx,
+    cpu_threads,
+    default_device,
+    is_cuda,
+    peak_gib,
+    prepare_device,
+    timed,
+)
+from bench.timing import free as free_memory
 from sdpo.cli import arg, parse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,58 +203,6 @@ def train_config(cfg: BenchConfig, row: Row):
 
 
 # ---------------------------------------------------------------------------------------------
-# Timing helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def _is_cuda(device) -> bool:
-    return torch.device(device).type == "cuda"
-
-
-def _sync(device) -> None:
-    if _is_cuda(device):
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def _free(device) -> None:
-    if _is_cuda(device):  # (on a CPU, dropped references free the memory; gc costs seconds)
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib(device) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if _is_cuda(device) else None
-
-
-def autocast_ctx(device, dtype):
-    """What ``accelerator.autocast`` gives training: autocast in the mixed-precision dtype."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
-class Autocast(torch.nn.Module):
-    """Runs the wrapped denoiser under autocast (what ``accelerator.prepare`` does in training)."""
-
-    def __init__(self, module, device, dtype):
-        super().__init__()
-        self.module, self.device, self.dtype = module, device, dtype
-
-    def forward(self, *args, **kwargs):
-        with autocast_ctx(self.device, self.dtype):
-            return self.module(*args, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
 # Models, inputs, rows
 # ---------------------------------------------------------------------------------------------
 
@@ -379,13 +335,13 @@ class Bench:
             Preference.from_flags(tc),
             LOSSES[tc.train_method],
         )
-        _free(device)
+        free_memory(device)
         parts = self.parts(cached=setup.cached)
         unet, ref, params = setup_models(
             parts, setup, needs_reference=spec.needs_reference, device=device, weight_dtype=wdtype
         )
         # validate() refuses --use_fused_adam without CUDA or with another optimizer.
-        fused = tc.use_fused_adam and _is_cuda(device) and tc.optimizer_name == "adamw"
+        fused = tc.use_fused_adam and is_cuda(device) and tc.optimizer_name == "adamw"
         optimizer = build_optimizer(
             params,
             name=tc.optimizer_name,
@@ -458,8 +414,8 @@ class Bench:
             opt()
         t_micro, t_opt = [], []
         for _ in range(cfg.iters):
-            t_micro.append(_timed(micro, device))
-            t_opt.append(_timed(opt, device))
+            t_micro.append(timed(micro, device))
+            t_opt.append(timed(opt, device))
         micro_s, opt_s = statistics.median(t_micro), statistics.median(t_opt)
         model_flops = 2 * cfg.pairs * (flops_train + flops_fwd)  # every row has a reference fwd
         return {
@@ -473,11 +429,11 @@ class Bench:
             "ms_micro": 1e3 * micro_s,
             "ms_optimizer": 1e3 * opt_s,
             "pairs_per_s": cfg.pairs / (micro_s + opt_s / cfg.grad_accum),
-            "peak_gib": _peak_gib(device),
+            "peak_gib": peak_gib(device),
             "unet_tflop_per_micro": model_flops / 1e12,
             "mfu": model_flops / micro_s / (cfg.peak_tflops * 1e12),
             "trainable_params": sum(p.numel() for p in params),
-        }  # the row's models are freed by the next row's _free()
+        }  # the row's models are freed by the next row's free_memory()
 
     def lambda_timing(self) -> dict:
         """The safeguard alone on a c-sized prediction: closed form (ours) vs autograd."""
@@ -496,7 +452,7 @@ class Bench:
         ):
             for _ in range(3):
                 fn()
-            times[name] = 1e3 * statistics.median(_timed(fn, self.device) for _ in range(20))
+            times[name] = 1e3 * statistics.median(timed(fn, self.device) for _ in range(20))
         return {
             "ms_lambda_closed_form": times["closed_form"],
             "ms_lambda_autograd": times["autograd"],
@@ -507,7 +463,7 @@ class Bench:
         from bench.bench_generate import bench_generation
 
         cfg = self.cfg
-        _free(self.device)
+        free_memory(self.device)
         parts = self.parts(cached=False)
         return bench_generation(
             parts,
@@ -520,164 +476,6 @@ class Bench:
         )
 
 
-def default_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def prepare_device(device) -> str:
-    """Card name; TF32 on for CUDA (as ``--allow_tf32``)."""
-    if _is_cuda(device):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        return torch.cuda.get_device_name(device)
-    return "CPU"
-
-
-@contextlib.contextmanager
-def cpu_threads(n: int | None):
-    """Run with ``n`` intra-op CPU threads (None: unchanged). The tiny models' matrices gain
-    nothing from threads, and on a shared CPU spinning threads make them 10x slower."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def now_utc() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
-# ---------------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------------
-
-
-def _pct(x: float) -> str:
-    """A share as a percentage; tiny CPU values keep two significant digits."""
-    return f"{100 * x:.1f}%" if x >= 1e-3 else f"{100 * x:.2g}%"
-
-
-def _fmt(v, spec=".1f"):
-    return "n/a" if v is None else format(v, spec)
-
-
-def targets(res: dict) -> list[tuple[str, str, str]]:
-    """(target, measured, verdict) lines of the issue's targets; verdicts only for GPU runs, and
-    only for targets whose rows were measured."""
-    rows = {r["row"]: r for r in res["rows"]}
-    gpu = res["device_type"] == "cuda"
-    lines = []
-
-    def add(name, value, ok):
-        lines.append((name, value, ("met" if ok else "NOT met") if gpu else "n/a (CPU/tiny)"))
-
-    a = rows.get("a")
-    ours = [r for k, r in rows.items() if k not in ("a", "e", "unet")]
-    if a and ours:
-        best = max(ours, key=lambda r: r["pairs_per_s"])
-        ratio = best["pairs_per_s"] / a["pairs_per_s"]
-        add("training pairs/s ≥ 2× reference", f"{ratio:.2f}× (row {best['row']})", ratio >= 2)
-    if "unet" in rows:
-        mfu = rows["unet"]["mfu"]
-        add("MFU on the UNet work ≥ 40%", f"{100 * mfu:.1f}% (row unet)", mfu >= 0.4)
-    if "c" in rows and res.get("lambda"):
-        lam = res["lambda"]["ms_lambda_closed_form"] / rows["c"]["ms_micro"]
-        text = f"λ alone {100 * lam:.2f}% of c's micro-step"
-        if "e" in rows:
-            text += f"; c vs e {100 * (rows['c']['ms_micro'] / rows['e']['ms_micro'] - 1):+.2f}%"
-        add("safeguard overhead ≤ 0.5% of the step", text, lam <= 0.005)
-    if a and gpu:
-        mine = [k for k in ("b", "c", "c+fast", "c+compile") if k in rows]
-        worst = max((rows[k]["peak_gib"] for k in mine), default=0.0)
-        add(
-            "peak memory ≤ reference's",
-            ", ".join(f"{k} {rows[k]['peak_gib']:.1f}" for k in mine)
-            + f" vs a {a['peak_gib']:.1f} GiB",
-            worst <= a["peak_gib"],
-        )
-        if "d" in rows:
-            share = rows["d"]["peak_gib"] / a["peak_gib"]
-            add("LoRA peak memory ≤ 50% of reference's", f"{100 * share:.0f}%", share <= 0.5)
-    elif a:
-        add("peak memory ≤ reference's (and LoRA ≤ 50%)", "n/a (no CUDA memory counters)", False)
-    gen = res.get("generation")
-    if gen:
-        add("generation ≥ 6× batch-1 images/s", f"{gen['speedup']:.2f}×", gen["speedup"] >= 6)
-    return lines
-
-
-def render(res: dict) -> str:
-    cfg = res["config"]
-    tiny = " — TINY CPU MODE (not a claim about targets)" if cfg["tiny"] else ""
-    head = (
-        f"## {res['date']} — {res['card']} — {cfg['family']} {cfg['resolution']}², "
-        f"{cfg['pairs']} pairs/micro-step{tiny}\n\n"
-        f"torch {res['torch']}, {cfg['mixed_precision']} autocast, median of {cfg['iters']} after "
-        f"{cfg['warmup']} warm-up, pairs/s with {cfg['grad_accum']} micro-steps per optimizer "
-        f"step, MFU vs {cfg['peak_tflops']} TFLOP/s. UNet forward = "
-        f"{res['unet_gflop_fwd_per_image']:.1f} GFLOP/image (FlopCounterMode on a meta-device "
-        "copy).\n\n"
-    )
-    table = [
-        "| row | what | optimizer | ms/micro-step | ms/optimizer step | pairs/s | × (a) | peak GiB "
-        "| UNet MFU |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    a = next((r for r in res["rows"] if r["row"] == "a"), None)
-    for r in res["rows"]:
-        vs_a = "n/a" if a is None else f"{r['pairs_per_s'] / a['pairs_per_s']:.2f}"
-        table.append(
-            f"| {r['row']} | {r['what']} | {r['optimizer']} | {r['ms_micro']:.1f} | "
-            f"{r['ms_optimizer']:.1f} | {r['pairs_per_s']:.2f} | {vs_a} | "
-            f"{_fmt(r['peak_gib'])} | {_pct(r['mfu'])} |"
-        )
-    for name, why in res.get("skipped", {}).items():
-        table.append(f"| {name} | {ROWS[name].what} | | not run ({why}) | | | | | |")
-    text = head + "\n".join(table) + "\n\n"
-    lam = res.get("lambda")
-    if lam:
-        text += (
-            f"Safeguard λ alone: closed form {lam['ms_lambda_closed_form']:.3f} ms, autograd "
-            f"(reference) {lam['ms_lambda_autograd']:.3f} ms.\n\n"
-        )
-    gen = res.get("generation")
-    if gen:
-        text += (
-            f"Generation ({gen['images']} prompts, {gen['steps']} Euler steps, CFG, VAE decode "
-            f"included): batch 1 {gen['images_per_s_batch1']:.3f} images/s, batch "
-            f"{gen['batch']} {gen['images_per_s_batched']:.3f} images/s ({gen['speedup']:.2f}×); "
-            f"same images: max pixel difference {gen['max_pixel_diff']}/255, "
-            f"{100 * gen['identical_fraction']:.0f}% bit-identical.\n\n"
-        )
-    text += "| target | measured | verdict |\n|---|---|---|\n"
-    text += "".join(f"| {t} | {m} | {v} |\n" for t, m, v in targets(res))
-    return text + "\n"
-
-
-def summary(cfg: BenchConfig, card: str, device, **parts) -> dict:
-    """The result record :func:`render` reads (``parts``: rows, skipped, lambda, generation,
-    unet_gflop_fwd_per_image)."""
-    return {
-        "date": now_utc(),
-        "card": card,
-        "device_type": torch.device(device).type,
-        "torch": torch.__version__,
-        "config": asdict(cfg),
-        **parts,
-    }
-
-
-def append_results(path: str | Path, text: str) -> None:
-    from sdpo import io
-
-    path = Path(path)
-    old = path.read_text() if path.is_file() else ""
-    io.write_text(path, old + text)
-
-
 def main(cfg: BenchConfig) -> dict:
     from sdpo import io
 
@@ -688,7 +486,7 @@ def main(cfg: BenchConfig) -> dict:
     skipped = {r: "not in --rows" for r in ROWS if r not in rows}
     if not cfg.compile and "c+compile" in rows:
         skipped["c+compile"] = "pass --compile"
-    threads = 1 if cfg.tiny and not _is_cuda(device) else None
+    threads = 1 if cfg.tiny and not is_cuda(device) else None
     with tempfile.TemporaryDirectory() as tmp, cpu_threads(threads):
         bench = Bench(cfg, device, Path(tmp))
         results = [bench.measure(row) for row in rows if row not in skipped]

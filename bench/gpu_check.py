@@ -46,6 +46,7 @@ if __package__ in (None, ""):  # python bench/gpu_check.py
 import torch
 
 from bench import bench_train as bt
+from bench import report, timing
 from sdpo.cli import arg, parse
 
 # Training rows per family, in priority order. A family not listed here but registered in
@@ -144,7 +145,7 @@ class Context:
     def __init__(self, cfg: CheckConfig, workdir: Path):
         self.cfg, self.workdir = cfg, workdir
         self.dry = cfg.cpu_dry_run
-        self.device = "cpu" if self.dry else bt.default_device(None)
+        self.device = "cpu" if self.dry else timing.default_device(None)
         self._benches: dict[str, bt.Bench] = {}
 
     def bench_config(self, family: str, **extra) -> bt.BenchConfig:
@@ -236,10 +237,10 @@ def scoring_job(metric: str, estimate: float) -> Job:
         ]
         prompts = [f"a photo of object {i} on a table" for i in range(n)]
         scorer.score(images[:2], prompts[:2])  # warm-up
-        bt._sync(ctx.device)
+        timing.sync(ctx.device)
         t0 = time.perf_counter()
         scores = scorer.score(images, prompts)
-        bt._sync(ctx.device)
+        timing.sync(ctx.device)
         seconds = time.perf_counter() - t0
         return {
             "metric": metric,
@@ -250,7 +251,7 @@ def scoring_job(metric: str, estimate: float) -> Job:
             "s_write_weights": built - start,
             "s_load": loaded - built,
             "scores_finite": bool(torch.isfinite(scores).all()),
-            "peak_gib": bt._peak_gib(ctx.device),
+            "peak_gib": timing.peak_gib(ctx.device),
         }
 
     return Job(f"scoring_{metric}", estimate, run, "scoring")
@@ -421,8 +422,8 @@ def environment(device) -> dict:
         except PackageNotFoundError:
             versions[name] = None
     return {
-        "date": bt.now_utc(),
-        "card": bt.prepare_device(device),
+        "date": timing.now_utc(),
+        "card": timing.prepare_device(device),
         "device_type": torch.device(device).type,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -450,7 +451,7 @@ def render_summary(state: dict, ctx: Context) -> str:
         if not rows:
             continue
         get = jobs.get
-        res = bt.summary(
+        res = report.summary(
             ctx.bench_config(family),
             env["card"],
             ctx.device,
@@ -461,7 +462,7 @@ def render_summary(state: dict, ctx: Context) -> str:
             job = get(f"{family}_{key}")
             if job and job["status"] == "ok":
                 res[key] = job["result"]
-        text.append(bt.render(res))
+        text.append(report.render(res))
     scoring = [
         j["result"] for j in jobs.values() if j["group"] == "scoring" and j["status"] == "ok"
     ]
@@ -516,7 +517,7 @@ def main(cfg: CheckConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     threads = 1 if cfg.cpu_dry_run else None
-    with tempfile.TemporaryDirectory(prefix="sdpo_gpu_check_") as tmp, bt.cpu_threads(threads):
+    with tempfile.TemporaryDirectory(prefix="sdpo_gpu_check_") as tmp, timing.cpu_threads(threads):
         ctx = Context(cfg, Path(tmp))
         if not ctx.dry and ctx.device != "cuda":
             raise SystemExit("gpu_check: no CUDA device (use --cpu-dry-run on a CPU)")
@@ -546,7 +547,7 @@ def main(cfg: CheckConfig) -> dict:
                     record.update(status="error", error=f"{type(err).__name__}: {err}"[:500])
                     record["traceback"] = tb[-3000:]
                 record["seconds"] = time.perf_counter() - t0
-                bt._free(ctx.device)
+                timing.free(ctx.device)
             state["jobs"][job.name] = record
             state["elapsed_s"] = time.perf_counter() - t_start
             save(state, ctx, out)
