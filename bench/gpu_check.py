@@ -147,6 +147,13 @@ class Context:
         self.dry = cfg.cpu_dry_run
         self.device = "cpu" if self.dry else timing.default_device(None)
         self._benches: dict[str, bt.Bench] = {}
+        self.cleanup: list[Path] = []
+
+    def clean(self) -> None:
+        import shutil
+
+        while self.cleanup:
+            shutil.rmtree(self.cleanup.pop(), ignore_errors=True)
 
     def bench_config(self, family: str, **extra) -> bt.BenchConfig:
         size = DRY_SIZE if self.dry else GPU_SIZES.get(family, FLOW_SIZE)
@@ -225,10 +232,12 @@ def scoring_job(metric: str, estimate: float) -> Job:
         else:
             from bench.scorer_weights import build_scorer_weights
 
-            env = build_scorer_weights(metric, _fast_tmp() / f"scorer_{metric}", device=ctx.device)
-        os.environ.update(env)  # eval.scorers reads its weight locations from the environment
+            folder = _fast_tmp() / f"scorer_{metric}"
+            ctx.cleanup.append(folder)  # GBs of weights: removed when the next job starts
+            env = build_scorer_weights(metric, folder, device=ctx.device)
         built = time.perf_counter()
-        scorer = get_scorer(metric, device=ctx.device, batch_size=16)
+        with _environ(env):  # eval.scorers reads its weight locations from the environment
+            scorer = get_scorer(metric, device=ctx.device, batch_size=16)
         loaded = time.perf_counter()
         n, side = (4, 32) if ctx.dry else (SCORE_IMAGES, 512)
         rng = np.random.default_rng(ctx.cfg.seed)
@@ -257,11 +266,30 @@ def scoring_job(metric: str, estimate: float) -> Job:
     return Job(f"scoring_{metric}", estimate, run, "scoring")
 
 
-def _fast_tmp() -> Path:
-    """A RAM-backed folder for the multi-GB scorer files when there is one."""
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """Set environment variables for the block only (the process's other users never see them)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _fast_tmp(need_gib: float = 8.0) -> Path:
+    """A RAM-backed folder for the multi-GB scorer files when one has room, else the temp dir."""
+    import shutil
+
     shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    path = base / "sdpo_gpu_check"
+    roomy = (
+        shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > need_gib * 2**30
+    )
+    path = (shm if roomy else Path(tempfile.gettempdir())) / "sdpo_gpu_check"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -547,6 +575,7 @@ def main(cfg: CheckConfig) -> dict:
                     record.update(status="error", error=f"{type(err).__name__}: {err}"[:500])
                     record["traceback"] = tb[-3000:]
                 record["seconds"] = time.perf_counter() - t0
+                ctx.clean()
                 timing.free(ctx.device)
             state["jobs"][job.name] = record
             state["elapsed_s"] = time.perf_counter() - t_start

@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_cpu_dry_run_walks_every_job(tmp_path):
+    environ = dict(os.environ)
     state = gpu_check.main(gpu_check.parse_args(["--cpu-dry-run", "--out", str(tmp_path)]))
+    assert dict(os.environ) == environ  # scorer weight locations were set for their job only
     jobs = state["jobs"]
     planned = [j.name for j in gpu_check.plan(dry=True)]
     assert list(jobs) == planned  # every job, in priority order
