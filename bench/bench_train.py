@@ -123,7 +123,7 @@ class BenchConfig:
         "bf16", "autocast dtype; frozen models stored in it", choices=list(WEIGHT_DTYPES)
     )
     gradient_checkpointing: bool = arg(
-        False, "recompute UNet activations (the recipe forces it for families with a flag: SDXL)"
+        False, "recompute UNet activations (forced for SDXL, as train.py does with --sdxl)"
     )
     lora_rank: int = arg(64, "LoRA rank of row d")
     compile: bool = arg(False, "also measure torch.compile (row c+compile; compile time excluded)")
@@ -153,8 +153,10 @@ def check(cfg: BenchConfig) -> BenchConfig:
     for name in ("pairs", "iters", "grad_accum", "gen_prompts", "gen_batch", "gen_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.warmup < 0 or cfg.lora_rank < 1:
-        raise ValueError("--warmup must be >= 0 and --lora_rank >= 1")
+    if cfg.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {cfg.warmup}")
+    if cfg.lora_rank < 1:
+        raise ValueError(f"--lora_rank must be >= 1, got {cfg.lora_rank}")
     unknown = [r for r in cfg.row_names() if r not in ROWS]
     if unknown:
         raise ValueError(f"--rows: unknown row(s) {unknown}; known: {list(ROWS)}")
