@@ -506,7 +506,7 @@ def render_summary(state: dict, ctx: Context) -> str:
         text.append("\n")
     text.append("| job | status | seconds | notes |\n|---|---|---|---|\n")
     for name, j in jobs.items():
-        note = j.get("error") or ""
+        note = j.get("error") or j.get("result", {}).get("reason", "")
         if j["group"] == "smoke" and j["status"] == "ok":
             note = ", ".join(f"{k}={v}" for k, v in j["result"].items() if k != "losses")
         text.append(f"| {name} | {j['status']} | {j['seconds']:.1f} | {note} |\n")
