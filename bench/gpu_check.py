@@ -127,7 +127,13 @@ def extra_families(dry: bool) -> list[str]:
     """HOOK for new model families: every family registered in :data:`sdpo.families.FAMILIES`
     beyond :data:`TRAINING_ROWS` gets :data:`FLOW_ROWS`, once it has real-size configs in
     :mod:`sdpo.testing.configs` (``FAMILIES``) — and, for the dry run, a tiny pipeline builder
-    ``sdpo.testing.tiny.build_tiny_<name>``. Nothing else needs editing here."""
+    ``sdpo.testing.tiny.build_tiny_<name>(path, seed=)``. Nothing else needs editing here.
+
+    What the rows use of such a family: ``sdpo.testing.realsize.build_model_parts(name,
+    tokenizer_dir, device="meta", resolution=)``, the family's ``dummy_cond``, ``predict`` and
+    ``objective(...).draw``, and the VAE config's ``latent_channels`` / ``block_out_channels``.
+    A full fine-tune that does not fit the GPU (FLUX's 12 B parameters in fp32 + AdamW) is
+    recorded as an error and the run goes on."""
     from sdpo.families import FAMILIES
 
     found = []
