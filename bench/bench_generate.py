@@ -10,7 +10,7 @@ two uint8 images are compared (maximum absolute pixel difference and the share i
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,10 +40,23 @@ def bench_generation(
     """Images/s at batch 1 and at ``batch``; pixel agreement of the two sets of images.
 
     One warm-up call per batch size (excluded), then one timed pass over all ``prompts``."""
-    from eval.generate import GenerateConfig, generate_batch, shared_noise
+    from eval.generate import GenerateConfig, Plan, generate_batch, shared_noise
 
     pipe = build_pipeline(parts, device=device, dtype=dtype)
-    plan = SimpleNamespace(height=resolution, width=resolution)
+    # In-memory models: a plan with no files (generate_batch reads only the image size).
+    plan = Plan(
+        base="bench (in-memory random weights)",
+        family=parts.family,
+        unet_kind="base",
+        unet_file=None,
+        vae=None,
+        height=resolution,
+        width=resolution,
+        entries=[],
+        manifest=Path("-"),
+        image_dir=Path("-"),
+        provenance={},
+    )
     gen_cfg = GenerateConfig(prompts="bench", outdir="-", steps=steps, cfg=7.5)
     noise = shared_noise(pipe, resolution, resolution, 0, device)
 

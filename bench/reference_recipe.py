@@ -1,6 +1,6 @@
 """Baseline emulation: one micro-step as the reference ``train.py`` computes it (for timing only).
 
-What it reproduces, as far as cost is concerned (formulas.md, defaults.md):
+What it reproduces of the official training script, as far as cost is concerned:
 
 * the VAE encodes the 2B images and the text encoder(s) the B captions at EVERY step;
 * the reference policy is a second, full, frozen UNet (cast to the weight dtype);
@@ -9,7 +9,9 @@ What it reproduces, as far as cost is concerned (formulas.md, defaults.md):
 * the optimizer is ``torch.optim.AdamW`` with PyTorch's defaults (foreach, not fused).
 
 Noise, timesteps and the posterior sample come from the global RNG, as in the reference. The
-loss is Diffusion-DPO with the straight-through loser scale (formulas.md). Not used for training.
+loss is Diffusion-DPO with the straight-through loser scale (arXiv 2511.03317, Sec. 3), on DDPM ε-prediction
+families only (the reference trains SD1.5 / SDXL). Conditioning and the denoiser call come from
+the model family (:mod:`sdpo.families`). Not used for training.
 """
 
 from __future__ import annotations
@@ -40,29 +42,31 @@ def reference_step(
     ``captions``: B strings; ``unet`` runs under the caller's autocast. Returns the loss."""
     b = len(captions)
     device = pixels.device
+    family = parts.family
     with torch.no_grad():
         vae = parts.vae
         latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample().float()
-        latents = latents * parts.vae_scaling_factor
+        latents = family.scale_latents(vae, latents)
         noise = torch.randn_like(latents[:b]).repeat(2, 1, 1, 1)
         steps = parts.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (b,), device=device).repeat(2)
         noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
-        cond = parts.encode_prompts(captions, device)
-        cond = {
-            k: {kk: vv.repeat(2, *[1] * (vv.ndim - 1)) for kk, vv in v.items()}
-            if isinstance(v, dict)
-            else v.repeat(2, 1, 1)
-            for k, v in cond.items()
-        }
-    model_pred = unet(noisy, timesteps, **cond).sample.float()
+        cond = _repeat(parts.encode_prompts(captions, device), 2)  # winners' copy, losers'
+    model_pred = family.predict(unet, noisy, timesteps, cond).float()
     model_err = (model_pred - noise).square().mean(dim=(1, 2, 3))
     err_w, err_l = model_err.chunk(2)
     if use_safeguard:
         lam = autograd_lambda(model_pred, noise, mu)
         err_l = err_l.detach() + lam * (err_l - err_l.detach())
     with torch.no_grad():
-        ref_pred = ref_unet(noisy, timesteps, **cond).sample.float()
+        ref_pred = family.predict(ref_unet, noisy, timesteps, cond).float()
         ref_w, ref_l = (ref_pred - noise).square().mean(dim=(1, 2, 3)).chunk(2)
     u = -0.5 * beta * ((err_w - ref_w) - (err_l - ref_l))
     return -F.logsigmoid(u).mean()
+
+
+def _repeat(cond, n: int):
+    """Every tensor of a (nested) conditioning dict repeated n times along the batch."""
+    if isinstance(cond, dict):
+        return {k: _repeat(v, n) for k, v in cond.items()}
+    return cond.repeat(n, *[1] * (cond.ndim - 1))

@@ -3,9 +3,12 @@ rots), and its UNet FLOP counter matches the published measurement."""
 
 import json
 
+import pytest
+
 from bench import bench_train
 from bench.flops import unet_flops_per_image
 from bench.reference_recipe import autograd_lambda
+from sdpo.families import get_family
 from sdpo.safeguard import winner_preserving_scale
 from sdpo.testing import realsize
 
@@ -45,7 +48,7 @@ def test_tiny_bench_writes_a_table_with_all_rows(tmp_path):
     text = results.read_text()
     assert text.startswith("# Benchmark results") and "TINY CPU MODE" in text
     for row in bench_train.ROWS:
-        assert f"| {row} | {bench_train.ROWS[row]} |" in text
+        assert f"| {row} | {bench_train.ROWS[row].what} |" in text
     assert "generation ≥ 6× batch-1 images/s" in text and "n/a (CPU/tiny)" in text
     assert json.loads(out_json.read_text())["config"]["tiny"] is True
 
@@ -63,9 +66,9 @@ def test_reference_autograd_lambda_equals_our_closed_form():
 
 
 def test_unet_flops_sd15_at_512():
-    unet = realsize.build_unet("sd15")
-    fwd = unet_flops_per_image(unet, 512)
-    fwd_bwd = unet_flops_per_image(unet, 512, backward=True)
+    unet, sd15 = realsize.build_unet("sd15"), get_family("sd15")
+    fwd = unet_flops_per_image(unet, sd15, (4, 64, 64))
+    fwd_bwd = unet_flops_per_image(unet, sd15, (4, 64, 64), backward=True)
     # The issue's measurement: ~0.80 TFLOP per image per forward; backward ~ 2x forward.
     assert 0.79e12 < fwd < 0.81e12
     assert 2.9 < fwd_bwd / fwd < 3.1
@@ -73,5 +76,33 @@ def test_unet_flops_sd15_at_512():
     from sdpo.lora import add_lora
 
     add_lora(unet, 8)
-    lora = unet_flops_per_image(unet, 512, backward=True)
+    lora = unet_flops_per_image(unet, sd15, (4, 64, 64), backward=True)
     assert 1.8 < lora / fwd < 2.3
+
+
+def test_rows_are_training_config_variants():
+    """Each row is train.py's config with the row's flags, resolved as train.py resolves it."""
+    from sdpo.perf import ModelSetup
+
+    cfg = bench_train.parse_args(["--lora_rank", "8"])
+    setups = {
+        r: ModelSetup.from_flags(bench_train.train_config(cfg, row))
+        for r, row in bench_train.ROWS.items()
+    }
+    assert not setups["a"].cached and not setups["b"].cached and setups["c"].cached
+    assert setups["c+fast"].channels_last and not setups["c"].channels_last
+    assert setups["c+compile"].torch_compile and setups["d"].lora.rank == 8
+    assert bench_train.train_config(cfg, bench_train.ROWS["c"]).use_winner_preserving
+    assert not bench_train.train_config(cfg, bench_train.ROWS["e"]).use_winner_preserving
+    sdxl = bench_train.train_config(
+        bench_train.parse_args(["--family", "sdxl"]), bench_train.ROWS["c"]
+    )
+    assert sdxl.resolution == 1024 and sdxl.optimizer_name == "adafactor"
+    assert sdxl.gradient_checkpointing
+
+
+def test_bad_flags_are_one_usage_error(capsys):
+    for argv, flag in ((["--rows", "a,zz"], "--rows"), (["--pairs", "0"], "--pairs")):
+        with pytest.raises(SystemExit) as exit_:
+            bench_train.parse_args(argv)
+        assert exit_.value.code == 2 and flag in capsys.readouterr().err
