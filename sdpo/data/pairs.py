@@ -40,11 +40,15 @@ def keyed_generator(*key: int, device: str | torch.device = "cpu") -> torch.Gene
 
 
 def decode_image(value):
-    """Encoded bytes (or ``{"bytes": ...}`` / a PIL image) -> RGB PIL image, fully decoded."""
+    """Encoded bytes (or ``{"bytes": ...}``, a file path, a PIL image) -> RGB PIL image, fully
+    decoded."""
     from PIL import Image
 
     if isinstance(value, dict):
-        value = value.get("bytes") or open(value["path"], "rb").read()
+        value = value.get("bytes") or value["path"]
+    if isinstance(value, str):
+        with open(value, "rb") as fh:
+            value = fh.read()
     if isinstance(value, Image.Image):
         image = value
     else:
