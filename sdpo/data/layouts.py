@@ -10,8 +10,8 @@ given, from the first of a few conventional names found (the names of the public
 in docs/data.md). A role that cannot be found is ONE error that lists the columns the data has
 and the flag that maps the role, raised before any image is decoded or any model loads.
 
-Layouts (``--data_layout``; ``auto`` picks the one layout whose columns are all present and says
-so in the log):
+Layouts (``--data_layout``; ``auto`` picks the one layout whose columns are all present, or
+Pick-a-Pic when it is one of several, and says so in the log):
 
 * ``pickapic``: two images and ``label_0`` (``yuvalkirstain/pickapic_v2``);
 * ``chosen_rejected``: a preferred and a rejected image column and a prompt;
@@ -34,6 +34,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 AUTO = "auto"
+DEFAULT_LAYOUT = "pickapic"  # first in LAYOUTS: detection prefers it when it fits
 PAIR_MODES = ("best_worst", "all")
 
 
@@ -192,6 +193,10 @@ def detect_layout(names: list[str], cmap: ColumnMap, *, paired: bool | None = No
         score = len(found) - len(missing)
         if best is None or score > best[0]:
             best = (score, layout, missing)
+    if len(full) > 1 and full[0][0].name == DEFAULT_LAYOUT:
+        # A Pick-a-Pic table that also carries scores (the pair builder's provenance columns)
+        # is Pick-a-Pic: its labels are the decision, the default layout wins.
+        return full[0]
     if len(full) == 1:
         return full[0]
     if len(full) > 1:

@@ -1,0 +1,198 @@
+"""The on-policy pair builder (eval.pairs) end to end on a tiny SD1.5 model with the tiny scorers:
+winners score higher, the combined score by hand, resume after a kill, train.py on the output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import eval.generate as G
+import eval.pairs as P
+from sdpo.data.layouts import rank_pairs
+
+K, N_PROMPTS = 3, 4
+PROMPTS = ["a red cube", "a blue sphere on grass", "two cats", "a lighthouse at night"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run much faster single-threaded on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from eval.tiny_scorers import build_tiny_scorers
+    from sdpo.testing.tiny import build_tiny_sd15
+
+    root = tmp_path_factory.mktemp("pairs")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return {
+        "model": build_tiny_sd15(root / "sd15"),
+        "env": build_tiny_scorers(root / "scorers"),
+        "prompts": prompts,
+    }
+
+
+@pytest.fixture
+def scorer_env(setup, monkeypatch):
+    for key, value in setup["env"].items():
+        monkeypatch.setenv(key, value)
+
+
+def _args(setup, out, *extra):
+    return [
+        "--outdir", str(out), "--prompts", str(setup["prompts"]),
+        "--pretrained_model_name_or_path", str(setup["model"]),
+        "--num_images", str(K), "--size", "32", "--steps", "2", "--dtype", "fp32",
+        "--device", "cpu", "--score_device", "cpu",
+        "--metrics", "pickscore,aesthetics", "--metric_weights", "1,0.5", "--pair_mode", "all",
+        *extra,
+    ]  # fmt: skip
+
+
+def _rows(out: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    shards = sorted((out / "data").glob("train-*.parquet"))
+    rows = [r for s in shards for r in pq.read_table(s).to_pylist()]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def built(setup, tmp_path_factory):
+    """One uninterrupted run, shared by the tests below."""
+    out = tmp_path_factory.mktemp("built")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in setup["env"].items():
+            mp.setenv(key, value)
+        summary = P.main(P.parse_args(_args(setup, out)))
+    return out, summary
+
+
+def test_combined_score_by_hand():
+    """z-scores over all K·N images, then the weighted sum; one metric: its raw value."""
+    records = [
+        [{"a": 1.0, "b": 10.0}, {"a": 2.0, "b": 30.0}],
+        [{"a": 3.0, "b": 20.0}, {"a": 6.0, "b": 20.0}],
+    ]
+    a = np.array([[1, 2], [3, 6]], float)
+    b = np.array([[10, 30], [20, 20]], float)
+    za = (a - 3.0) / np.sqrt(((a - 3.0) ** 2).mean())
+    zb = (b - 20.0) / np.sqrt(((b - 20.0) ** 2).mean())
+    got = P.combined_scores(records, {"a": 1.0, "b": 0.5})
+    assert np.allclose(got, za + 0.5 * zb)
+    assert np.allclose(P.combined_scores(records, {"a": 2.0, "b": 0.0}), a)
+    assert P.metric_label({"a": 1.0, "b": 0.5}) == "1*z(a) + 0.5*z(b)"
+
+
+def test_pairs_end_to_end(built, setup):
+    from eval.score import read_scores, scores_path
+
+    out, summary = built
+    rows = _rows(out)
+    assert rows and all(r["score_0"] > r["score_1"] for r in rows)
+    assert all(r["label_0"] == 1.0 for r in rows)
+    # The pairs are exactly the "all" pairs of the combined scores of the stored score files.
+    manifests = sorted((out / "work" / "images").glob("*.json"), key=lambda p: p.name)
+    manifests = [m for m in manifests if not m.name.endswith(".summary.json")]
+    assert len(manifests) == K
+    by_seed = {json.loads(m.read_text())[0]["metadata"]["seed"]: m for m in manifests}
+    records = [read_scores(scores_path(by_seed[s])) for s in range(K)]
+    scores = P.combined_scores(records, {"pickscore": 1.0, "aesthetics": 0.5})
+    expected = {
+        (i, w, lo)
+        for i in range(N_PROMPTS)
+        for w, lo in rank_pairs(scores[:, i], higher_is_better=True, mode="all")
+    }
+    got = [(r["prompt_index"], r["seed_0"], r["seed_1"]) for r in rows]
+    assert len(got) == len(set(got)) and set(got) == expected
+    for r in rows:
+        assert r["caption"] == PROMPTS[r["prompt_index"]]
+        assert r["score_0"] == pytest.approx(scores[r["seed_0"], r["prompt_index"]])
+        assert r["jpg_0"] == (out / r["image_0"]).read_bytes()
+        assert r["pickscore_0"] == records[r["seed_0"]][r["prompt_index"]]["pickscore"]
+    # The data card: counts, the histogram, the command.
+    card = (out / "README.md").read_text()
+    assert f"| pairs | {len(rows)} " in card and "python -m eval.pairs" in card
+    assert summary["pairs"] == len(rows) and summary["images"] == K * N_PROMPTS
+    from PIL import Image
+
+    assert Image.open(out / "gap_histogram.png").size[0] > 100
+
+
+def test_train_on_pairs_without_extra_flags(built, setup, tmp_path):
+    import train
+    from sdpo.config import parse_args
+    from tests.train_fixtures import train_args
+
+    out, summary = built
+    args = train_args(setup["model"], out, tmp_path / "o", "--max_train_steps", "1")
+    result = train.main(parse_args(args))
+    assert result["global_step"] == 1
+    assert result["data"]["layout"] == "pickapic" and result["data"]["pairs"] == summary["pairs"]
+
+
+def test_killed_run_resumes_without_duplicates_or_gaps(
+    built, setup, tmp_path, scorer_env, monkeypatch
+):
+    real_save = G._save_png
+    saved = []
+
+    def dying_save(image, path, prompt):
+        if len(saved) == 5:  # killed while writing the 6th of 12 images
+            raise KeyboardInterrupt
+        saved.append(path)
+        real_save(image, path, prompt)
+
+    monkeypatch.setattr(G, "_save_png", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        P.main(P.parse_args(_args(setup, tmp_path)))
+    assert not (tmp_path / "data").exists()
+    saved.clear()
+    monkeypatch.setattr(G, "_save_png", lambda im, p, pr: (saved.append(p), real_save(im, p, pr)))
+    P.main(P.parse_args(_args(setup, tmp_path)))
+    assert len(saved) == K * N_PROMPTS - 5  # only the missing images
+    reference = {(r["prompt_index"], r["seed_0"], r["seed_1"]): r for r in _rows(built[0])}
+    resumed = _rows(tmp_path)
+    keys = [(r["prompt_index"], r["seed_0"], r["seed_1"]) for r in resumed]
+    assert len(keys) == len(set(keys)) and set(keys) == set(reference)
+    for r in resumed:
+        ref = reference[(r["prompt_index"], r["seed_0"], r["seed_1"])]
+        assert r["jpg_0"] == ref["jpg_0"] and r["score_0"] == pytest.approx(ref["score_0"])
+
+
+def test_fewer_shards_on_rerun_replace_old_ones(built, setup, tmp_path, scorer_env):
+    """A rerun with another shard size leaves exactly the new shards."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(built[0], out)
+    n = len(_rows(out))
+    P.main(P.parse_args(_args(setup, out, "--shard_size", "2")))
+    names = sorted(p.name for p in (out / "data").glob("*.parquet"))
+    assert len(names) == -(-n // 2) and names[0].endswith(f"-of-{len(names):05d}.parquet")
+    assert len(_rows(out)) == n
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--num_images", "1"],
+        ["--metric_weights", "1"],
+        ["--metrics", "pickscore,nope"],
+        ["--min_gap", "-1"],
+    ],
+)
+def test_bad_inputs_are_usage_errors(setup, tmp_path, bad):
+    with pytest.raises(SystemExit) as err:
+        P.parse_args(_args(setup, tmp_path, *bad))
+    assert err.value.code == 2
