@@ -1,5 +1,5 @@
 """Every preference layout (sdpo.data.layouts) on synthetic sets in the real public schemas:
-detection, winner/loser orientation, ties, corrupt rows, mapping errors, and a one-step
+detection, winner/loser orientation, ties, corrupt rows, mapping errors, and a two-step
 training run per layout."""
 
 from __future__ import annotations
@@ -214,13 +214,14 @@ def test_every_layout_trains(tiny_sd15, tmp_path, name):
     model, start = tiny_sd15
     write, extra = LAYOUT_SETS[name]
     write(tmp_path / "d")
-    # One optimizer step per layout keeps the suite fast; the update must move the UNet.
-    args = train_args(model, tmp_path / "d", tmp_path / "o", *extra, "--max_train_steps", "1")
+    # Two optimizer steps per layout; the update must move the UNet.
+    steps = ("--max_train_steps", "2", "--lr_warmup_steps", "0")
+    args = train_args(model, tmp_path / "d", tmp_path / "o", *extra, *steps)
     result = train.main(parse_args(args))
-    assert result["global_step"] == 1 and result["data"]["layout"] == LAYOUT_NAMES[name]
+    assert result["global_step"] == 2 and result["data"]["layout"] == LAYOUT_NAMES[name]
     trained = {k: v.detach().cpu() for k, v in result["unet"].state_dict().items()}
     assert max_abs_diff(trained, start) > 0
-    assert (tmp_path / "o" / "train_log.jsonl").read_text().count("\n") == 1
+    assert (tmp_path / "o" / "train_log.jsonl").read_text().count("\n") == 2
 
 
 def test_wrong_mapping_fails_before_models_load(tiny_sd15, tmp_path, monkeypatch):
