@@ -196,3 +196,38 @@ def test_bad_inputs_are_usage_errors(setup, tmp_path, bad):
     with pytest.raises(SystemExit) as err:
         P.parse_args(_args(setup, tmp_path, *bad))
     assert err.value.code == 2
+
+
+def test_make_pairs_script(setup, tmp_path):
+    """scripts/data/make_pairs.sh drives eval.pairs (environment -> flags) in one process."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.train_fixtures import REPO
+
+    env = {
+        **os.environ,
+        **setup["env"],
+        "PYTHON": sys.executable,
+        "NUM_PROCESSES": "1",
+        "MODEL_NAME": str(setup["model"]),
+        "K": "2",
+        "METRICS": "aesthetics",
+        "SIZE": "32",
+        "STEP": "2",
+        "DTYPE": "fp32",
+        "SCORE_DEVICE": "cpu",
+        "MAX_PROMPTS": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    out = tmp_path / "out"
+    cmd = ["bash", "scripts/data/make_pairs.sh", str(setup["prompts"]), str(out), "base"]
+    proc = subprocess.run(
+        cmd + ["--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "pairs_summary.json").read_text())
+    assert summary["prompts"] == 2 and summary["metric"] == "aesthetics"
+    assert summary["pairs"] == len(_rows(out)) <= 2
+    assert "--num_images 2" in summary["command"] and "--device cpu" in summary["command"]
