@@ -300,31 +300,23 @@ def shard_names(n_rows: int, shard_size: int) -> list[str]:
     return [f"train-{k:05d}-of-{n:05d}.parquet" for k in range(n)]
 
 
-def write_shards(rows: list[dict], folder: Path, shard_size: int, outdir: Path) -> list[Path]:
-    """Pick-a-Pic-schema parquet shards (image bytes read from the PNGs), each written
+def write_table_shards(columns: dict[str, list], folder: Path, shard_size: int) -> list[Path]:
+    """``train-XXXXX-of-YYYYY.parquet`` shards of ``columns`` (``jpg_*`` as binary), each written
     atomically; shards of an earlier run with another count are removed afterwards."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     folder.mkdir(parents=True, exist_ok=True)
     io.remove_stale(folder)
-    names = shard_names(len(rows), shard_size)
+    n_rows = len(next(iter(columns.values()))) if columns else 0
+    names = shard_names(n_rows, shard_size)
     written = []
     for k, name in enumerate(names):
-        chunk = rows[k * shard_size : (k + 1) * shard_size]
-        columns: dict[str, list] = {"jpg_0": [], "jpg_1": []}
-        for row in chunk:
-            columns["jpg_0"].append(Path(row["image_0"]).read_bytes())
-            columns["jpg_1"].append(Path(row["image_1"]).read_bytes())
-        for key in chunk[0] if chunk else ():
-            values = [r[key] for r in chunk]
-            if key in ("image_0", "image_1"):  # provenance: relative to the output folder
-                values = [str(Path(v).relative_to(outdir)) for v in values]
-            columns[key] = values
+        part = slice(k * shard_size, (k + 1) * shard_size)
         table = pa.table(
             {
-                k: pa.array(v, type=pa.binary() if k.startswith("jpg") else None)
-                for k, v in columns.items()
+                key: pa.array(values[part], type=pa.binary() if key.startswith("jpg") else None)
+                for key, values in columns.items()
             }
         )
         written.append(io.atomic_write(folder / name, lambda tmp, t=table: pq.write_table(t, tmp)))
@@ -332,6 +324,20 @@ def write_shards(rows: list[dict], folder: Path, shard_size: int, outdir: Path) 
         if old.name not in names:
             old.unlink()
     return written
+
+
+def write_shards(rows: list[dict], folder: Path, shard_size: int, outdir: Path) -> list[Path]:
+    """The pair rows as Pick-a-Pic-schema shards, image bytes read from the generated PNGs."""
+    columns: dict[str, list] = {
+        "jpg_0": [Path(r["image_0"]).read_bytes() for r in rows],
+        "jpg_1": [Path(r["image_1"]).read_bytes() for r in rows],
+    }
+    for key in rows[0] if rows else ():
+        values = [r[key] for r in rows]
+        if key in ("image_0", "image_1"):  # provenance: relative to the output folder
+            values = [str(Path(v).relative_to(outdir)) for v in values]
+        columns[key] = values
+    return write_table_shards(columns, folder, shard_size)
 
 
 def write_card(outdir: Path, counts: dict, rows: list[dict], cfg: PairsConfig, command: str):

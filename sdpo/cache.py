@@ -73,7 +73,7 @@ def validate(cfg: CacheConfig) -> CacheConfig:
         bad("pretrained_model_name_or_path", "is required")
     if not cfg.output_dir:
         bad("output_dir", "is required")
-    validate_data(cfg)  # the data flags' checks, shared with train.py
+    validate_data(cfg, cached=True)  # the data flags' checks, shared with train.py
     if cfg.random_crop:
         bad(
             "random_crop",

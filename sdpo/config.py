@@ -111,10 +111,17 @@ class DataFlags:
     dreamlike_pairs_only: bool = _f(
         False, "Keep only pairs whose two images both come from a Dreamlike model (official)."
     )
+    choice_model: str | None = _f(
+        None,
+        "Re-decide every pair with this reward model as rows are read (official flag; "
+        "pickscore, hpsv2, clip, aesthetics, imagereward; hps/aes accepted). Offline and "
+        "faster: python -m eval.relabel.",
+    )
 
 
-def validate_data(cfg) -> None:
-    """The data flags' own checks (one ``ValueError`` naming the flag); no data is read."""
+def validate_data(cfg, *, cached: bool = False) -> None:
+    """The data flags' own checks (one ``ValueError`` naming the flag); no data is read.
+    ``cached``: the pairs go through a precomputed cache (the cache tool, --precomputed_dir)."""
     from sdpo.data.layouts import LAYOUT_CHOICES, PAIR_MODES, mapping_flags
 
     if bool(cfg.dataset_name) == bool(cfg.train_data_dir):
@@ -129,6 +136,20 @@ def validate_data(cfg) -> None:
         raise ValueError(f"--pair_mode: {cfg.pair_mode!r} is not one of {list(PAIR_MODES)}")
     if not cfg.score_tie_threshold >= 0:
         raise ValueError(f"--score_tie_threshold: must be >= 0, got {cfg.score_tie_threshold}")
+    if cfg.choice_model:
+        from sdpo.data.pairs import CHOICE_ALIASES
+
+        metrics = ("pickscore", "hpsv2", "clip", "aesthetics", "imagereward")
+        if CHOICE_ALIASES.get(cfg.choice_model, cfg.choice_model) not in metrics:
+            raise ValueError(
+                f"--choice_model: {cfg.choice_model!r} is not one of {list(metrics)} "
+                f"(or {list(CHOICE_ALIASES)})"
+            )
+        if cached:
+            raise ValueError(
+                "--choice_model: cached pairs cannot be re-decided per row; relabel offline "
+                "(python -m eval.relabel) and cache the relabelled folder"
+            )
     for flag in mapping_flags():
         value = getattr(cfg, flag, None)
         if value is not None and not str(value).strip():
@@ -276,7 +297,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.unet_init and _looks_local(cfg.unet_init) and not os.path.exists(cfg.unet_init):
         bad("unet_init", f"{cfg.unet_init!r} does not exist")
 
-    validate_data(cfg)
+    validate_data(cfg, cached=cfg.precomputed_dir is not None)
 
     positive = (
         "train_batch_size",

@@ -53,11 +53,12 @@ def build_dataloader(
             batch_size=batch_size,
             num_workers=num_workers,
         )
-    from sdpo.data.pairs import PreferencePairs, collate_pairs, make_loader
+    from sdpo.data.pairs import PreferencePairs, RewardChooser, collate_pairs, make_loader
     from sdpo.data.pickapic import load_pairs
 
     hf_ds, info = load_pairs(source, augment.seed, paired=paired)
-    dataset = PreferencePairs(hf_ds, augment, paired=paired)
+    chooser = RewardChooser(source.choice_model) if source.choice_model else None
+    dataset = PreferencePairs(hf_ds, augment, paired=paired, chooser=chooser)
     loader, sampler = make_loader(
         dataset,
         seed=augment.seed,

@@ -38,6 +38,7 @@ class DataSource:
     pair_mode: str = "best_worst"
     score_tie_threshold: float = 0.0
     dreamlike_pairs_only: bool = False
+    choice_model: str | None = None  # reward model re-deciding each pair online
 
     @classmethod
     def from_flags(cls, cfg) -> DataSource:
@@ -60,6 +61,7 @@ class DataSource:
             pair_mode=getattr(cfg, "pair_mode", "best_worst"),
             score_tie_threshold=getattr(cfg, "score_tie_threshold", 0.0),
             dreamlike_pairs_only=getattr(cfg, "dreamlike_pairs_only", False),
+            choice_model=getattr(cfg, "choice_model", None) or None,
         )
 
     def column_map(self):

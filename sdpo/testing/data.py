@@ -273,3 +273,30 @@ def write_synthetic_imagefolder(
     out = root / "metadata.jsonl"
     out.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return out
+
+
+def write_graded_pickapic(
+    path, levels: list[tuple[int, int]], labels: list[float], *, size: int = 24, seed: int = 0
+) -> Path:
+    """A Pick-a-Pic-schema parquet whose row i shows pictures of brightness ``levels[i]``
+    (``jpg_0``, ``jpg_1``) with human label ``labels[i]``: a brightness reward model then
+    agrees or disagrees with each label by construction."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    cols: dict[str, list] = {c: [] for c in (*REQUIRED_COLUMNS, "model_0", "model_1")}
+    for i, ((l0, l1), label) in enumerate(zip(levels, labels)):
+        cols["jpg_0"].append(_png(rng, l0, size))
+        cols["jpg_1"].append(_png(rng, l1, size))
+        cols["label_0"].append(float(label))
+        cols["caption"].append(f"graded pair {i}")
+        cols["model_0"].append("synthetic")
+        cols["model_1"].append("synthetic")
+    table = pa.table(
+        {k: pa.array(v, type=pa.binary() if k.startswith("jpg") else None) for k, v in cols.items()}
+    )
+    out = Path(path) / "train-00000.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out)
+    return out
