@@ -231,3 +231,49 @@ def test_make_pairs_script(setup, tmp_path):
     assert summary["prompts"] == 2 and summary["metric"] == "aesthetics"
     assert summary["pairs"] == len(_rows(out)) <= 2
     assert "--num_images 2" in summary["command"] and "--device cpu" in summary["command"]
+
+
+def test_two_rounds_end_to_end(setup, tmp_path, scorer_env, monkeypatch):
+    """Round 1 generates with and trains from round 0's unet.pth; a rerun redoes nothing."""
+    import eval.rounds as RD
+    from sdpo import training
+
+    real_main, seen = training.main, []
+    monkeypatch.setattr(training, "main", lambda cfg: (seen.append(cfg), real_main(cfg))[1])
+    pairs_args = (
+        "--num_images 2 --size 32 --steps 2 --dtype fp32 --device cpu --score_device cpu "
+        "--metrics aesthetics --max_prompts 3"
+    )
+    train_args = (
+        "--resolution 32 --train_batch_size 1 --max_train_steps 1 --mixed_precision no "
+        "--report_to none --seed 0 --learning_rate 1e-3 --lr_warmup_steps 0"
+    )
+    argv = [
+        "--outdir", str(tmp_path), "--rounds", "2", "--prompts", str(setup["prompts"]),
+        "--pretrained_model_name_or_path", str(setup["model"]),
+        "--pairs_args", pairs_args, "--train_args", train_args,
+    ]  # fmt: skip
+    rows = RD.main(RD.parse_args(argv))
+    unet0 = tmp_path / "round_0" / "train" / "unet.pth"
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["model_in"] == str(unet0)
+    assert [c.unet_init for c in seen] == ["", str(unet0)]
+    configs = list(
+        (tmp_path / "round_1" / "pairs" / "work" / "images").glob("*/generation_config.json")
+    )
+    assert len(configs) == 2
+    assert {json.loads(c.read_text())["unet_path"] for c in configs} == {str(unet0.resolve())}
+    # Fresh seeds per round: round 1 uses seeds 2, 3.
+    assert json.loads((tmp_path / "round_1" / "pairs" / "pairs_summary.json").read_text())[
+        "seeds"
+    ] == [2, 3]
+    for r, row in enumerate(rows):
+        pairs = json.loads((tmp_path / f"round_{r}" / "pairs" / "pairs_summary.json").read_text())
+        assert row["pairs"] == pairs["pairs"] and row["train_steps"] == 1
+        assert set(row["reward"]) == {"aesthetics"}
+    table = (tmp_path / "rounds_summary.md").read_text()
+    assert table.count("\n") == 4 and "aesthetics (mean)" in table
+    # Rerun: nothing is generated or trained again.
+    monkeypatch.setattr(G, "load_pipeline", lambda *a, **k: pytest.fail("generated again"))
+    assert RD.main(RD.parse_args(argv)) == rows and len(seen) == 2
+    with pytest.raises(SystemExit):
+        RD.parse_args([*argv, "--reference", "base"])
