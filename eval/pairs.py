@@ -109,7 +109,15 @@ class PairsConfig:
     )
     min_gap: float = arg(0.0, "pairs need a score gap above this (ties are always dropped)")
     shard_size: int = arg(1000, "pairs per parquet shard")
-    weights: dict = field(default_factory=dict, metadata={"cli": False})  # scorer weight paths
+    weights: dict = field(default_factory=dict, metadata={"cli": False})
+    argv: list = field(
+        default_factory=list, metadata={"cli": False}
+    )  # for the data card  # scorer weight paths
+
+
+def _finish_argv(cfg, argv):
+    cfg.argv = list(sys.argv[1:] if argv is None else argv)
+    return cfg
 
 
 def _finish(cfg: PairsConfig, namespace) -> PairsConfig:
@@ -132,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> PairsConfig:
         prog="python -m eval.pairs",
         description="Build on-policy preference pairs: generate, score, pair, write parquet.",
         extend=_extend,
-        finish=_finish,
+        finish=lambda cfg, ns: _finish_argv(_finish(cfg, ns), argv),
         check=validate,
     )
 
@@ -462,7 +470,7 @@ def run(cfg: PairsConfig, state, *, scorer_factory=None, command: str | None = N
         seeds=[c.seed for c in configs],
     )
     write_shards(rows, outdir / "data", cfg.shard_size, outdir)
-    command = command or "python -m eval.pairs " + shlex.join(sys.argv[1:])
+    command = command or "python -m eval.pairs " + shlex.join(cfg.argv)
     summary = write_card(outdir, counts, rows, cfg, command)
     print(
         f"{counts['pairs']} pairs from {counts['prompts']} prompts x {cfg.num_images} images "

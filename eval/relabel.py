@@ -60,6 +60,7 @@ class RelabelConfig(DataFlags):
     shard_size: int = arg(1000, "pairs per parquet shard")
     seed: int = arg(0, "seed of a --max_train_samples subset")
     weights: dict = field(default_factory=dict, metadata={"cli": False})
+    argv: list = field(default_factory=list, metadata={"cli": False})  # for the data card
 
 
 def validate(cfg: RelabelConfig) -> RelabelConfig:
@@ -71,6 +72,11 @@ def validate(cfg: RelabelConfig) -> RelabelConfig:
     for name in ("batch_size", "shard_size"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name}: must be >= 1, got {getattr(cfg, name)}")
+    return cfg
+
+
+def _finish_argv(cfg, argv):
+    cfg.argv = list(sys.argv[1:] if argv is None else argv)
     return cfg
 
 
@@ -94,7 +100,7 @@ def parse_args(argv=None) -> RelabelConfig:
         prog="python -m eval.relabel",
         description="Relabel / filter preference pairs with a reward model (offline, cached).",
         extend=_extend,
-        finish=_finish,
+        finish=lambda cfg, ns: _finish_argv(_finish(cfg, ns), argv),
         check=validate,
     )
 
@@ -214,7 +220,7 @@ def run(cfg: RelabelConfig, scorer_factory=None, command: str | None = None) -> 
     counts["flipped"] = counts["disagree"] if cfg.action == "flip" else 0
     counts["dropped"] = counts["pairs_in"] - counts["pairs_out"]
     write_table_shards(columns, out / "data", cfg.shard_size)
-    command = command or "python -m eval.relabel " + shlex.join(sys.argv[1:])
+    command = command or "python -m eval.relabel " + shlex.join(cfg.argv)
     summary = {
         **counts,
         "images_scored": scored,

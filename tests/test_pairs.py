@@ -122,7 +122,8 @@ def test_pairs_end_to_end(built, setup):
         assert r["pickscore_0"] == records[r["seed_0"]][r["prompt_index"]]["pickscore"]
     # The data card: counts, the histogram, the command.
     card = (out / "README.md").read_text()
-    assert f"| pairs | {len(rows)} " in card and "python -m eval.pairs" in card
+    assert f"| pairs | {len(rows)} " in card and "python -m eval.pairs --outdir" in card
+    assert "--num_images 3" in card
     assert summary["pairs"] == len(rows) and summary["images"] == K * N_PROMPTS
     from PIL import Image
 
