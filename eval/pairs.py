@@ -445,6 +445,12 @@ def run(cfg: PairsConfig, state, *, scorer_factory=None, command: str | None = N
     configs = [generate_config(cfg, prompts, k) for k in range(cfg.num_images)]
     for gcfg in configs:
         make_plan(gcfg)  # every input checked before the first model loads
+    if scorer_factory is None and state.is_main_process:
+        from eval.scorers import resolve_weights
+
+        # Missing scorer weights fail now, not after hours of generation.
+        for m in weights:
+            resolve_weights(m, **cfg.weights.get(m, {}))
     manifests = [generate(gcfg, state) for gcfg in configs]
     if not state.is_main_process:
         state.wait_for_everyone()

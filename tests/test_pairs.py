@@ -278,3 +278,59 @@ def test_two_rounds_end_to_end(setup, tmp_path, scorer_env, monkeypatch):
     assert RD.main(RD.parse_args(argv)) == rows and len(seen) == 2
     with pytest.raises(SystemExit):
         RD.parse_args([*argv, "--reference", "base"])
+
+
+def test_missing_scorer_weights_fail_before_generation(setup, tmp_path, monkeypatch):
+    from eval.scorers import WeightsNotFoundError
+
+    for key, value in setup["env"].items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SDPO_AESTHETICS_MLP", str(tmp_path / "absent.pth"))
+    monkeypatch.setattr(G, "load_pipeline", lambda *a, **k: pytest.fail("generated first"))
+    with pytest.raises(WeightsNotFoundError, match="aesthetics"):
+        P.main(P.parse_args(_args(setup, tmp_path)))
+
+
+def test_two_processes_share_generation(built, setup, tmp_path, scorer_env, monkeypatch):
+    """Two ranks (threads with a barrier, as tests/test_generate.py) split the images; the pairs
+    equal the one-process run's."""
+    import threading
+
+    barrier = threading.Barrier(2)
+    # Model loading is not thread-safe (a process-wide meta-device context): one at a time.
+    lock, real_load = threading.Lock(), G.load_pipeline
+
+    def load_one_at_a_time(*args, **kwargs):
+        with lock:
+            return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(G, "load_pipeline", load_one_at_a_time)
+    errors = []
+
+    class State:
+        def __init__(self, rank):
+            self.process_index, self.num_processes = rank, 2
+            self.is_main_process = rank == 0
+            self.device = "cpu"
+
+        def wait_for_everyone(self):
+            barrier.wait(timeout=300)
+
+    def work(rank):
+        try:
+            P.run(P.parse_args(_args(setup, tmp_path)), State(rank))
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    key = ("prompt_index", "seed_0", "seed_1")
+    ref = {tuple(r[k] for k in key): r for r in _rows(built[0])}
+    got = {tuple(r[k] for k in key): r for r in _rows(tmp_path)}
+    assert got.keys() == ref.keys()
+    assert all(got[k]["jpg_0"] == ref[k]["jpg_0"] for k in got)
