@@ -168,3 +168,25 @@ def test_train_with_choice_model(data, tmp_path, tiny_scorer_env, monkeypatch):
     assert train.main(parse_args(args))["global_step"] == 1
     with pytest.raises(SystemExit):
         parse_args(train_args(model, data, tmp_path / "o", "--choice_model", "nope"))
+
+
+def test_choice_model_in_a_loader_worker(data, monkeypatch):
+    """The chooser crosses into DataLoader workers (pickled without its scorer, rebuilt there)."""
+    import pickle
+
+    from sdpo.data import DataSource
+    from sdpo.data.pairs import collate_pairs, make_loader
+    from sdpo.data.pickapic import load_pairs
+
+    chooser = RewardChooser("pickscore")
+    chooser._scorer = BrightnessScorer()
+    assert pickle.loads(pickle.dumps(chooser))._scorer is None
+    monkeypatch.setattr(RewardChooser, "scorer", lambda self: BrightnessScorer())
+    ds, _ = load_pairs(DataSource(train_data_dir=str(data)))
+    pairs = PreferencePairs(ds, Augment(resolution=16, seed=0, hflip=False), chooser=chooser)
+    loader, _ = make_loader(pairs, seed=0, batch_size=2, num_workers=1, collate_fn=collate_pairs)
+    for batch in loader:
+        winners, losers = batch["pixel_values"].chunk(2)
+        for k, row in enumerate(batch["index"].tolist()):
+            if row != 7:
+                assert winners[k].mean() > losers[k].mean()

@@ -145,7 +145,12 @@ class RewardChooser:
         if self._scorer is None:
             from eval.scorers import get_scorer, resolve_weights
 
-            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = self.device
+            if device is None:
+                # A DataLoader worker is a forked process: CUDA cannot be initialised there once
+                # the trainer has, so workers score on the CPU (the offline path avoids this).
+                worker = torch.utils.data.get_worker_info() is not None
+                device = "cuda" if torch.cuda.is_available() and not worker else "cpu"
             weights = resolve_weights(self.metric, **self.weights)
             self._scorer = get_scorer(self.metric, device=device, batch_size=2, **weights)
         return self._scorer
