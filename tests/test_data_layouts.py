@@ -245,3 +245,15 @@ def test_data_flags_validated(tmp_path):
         with pytest.raises(SystemExit):
             parse_args(base + bad)
     assert parse_args(base + ["--score_tie_threshold", "0.5"]).score_tie_threshold == 0.5
+
+
+def test_ranked_needs_exactly_one_ranking(tmp_path):
+    import json
+
+    path = synth.write_synthetic_hpdv2(tmp_path / "d", n_prompts=2, k=2)
+    rows = json.loads(path.read_text())
+    for row in rows:
+        row["scores"] = [1.0, 0.0]
+    path.write_text(json.dumps(rows))
+    with pytest.raises(DataLayoutError, match="exactly one of \\['ranks', 'scores'\\] \\(both"):
+        load_pairs(_source(tmp_path / "d", split="test", data_layout="ranked"))

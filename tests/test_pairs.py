@@ -334,3 +334,15 @@ def test_two_processes_share_generation(built, setup, tmp_path, scorer_env, monk
     got = {tuple(r[k] for k in key): r for r in _rows(tmp_path)}
     assert got.keys() == ref.keys()
     assert all(got[k]["jpg_0"] == ref[k]["jpg_0"] for k in got)
+
+
+def test_prompts_from_a_data_set_column(tmp_path):
+    """--prompt_data + --prompt_column: the distinct prompts of any local set, in order."""
+    from sdpo.testing.data import write_synthetic_chosen_rejected
+
+    write_synthetic_chosen_rejected(tmp_path / "d", n_pairs=3)
+    base = ["--outdir", str(tmp_path / "o"), "--prompt_data", str(tmp_path / "d")]
+    path = P.prompt_source(P.parse_args([*base, "--prompt_column", "prompt"]))
+    assert json.loads(Path(path).read_text()) == [f"chosen picture {i}" for i in range(3)]
+    with pytest.raises(P.PairsError, match=r"--prompt_column 'caption'.*'prompt'"):
+        P.prompt_source(P.parse_args(base))
