@@ -128,9 +128,15 @@ def _finish(cfg: PairsConfig, namespace) -> PairsConfig:
 
 
 def _extend(parser) -> None:
+    """eval.score's weight flags; their help holds URLs whose '%' argparse would read as a
+    format character, so it is escaped here (``python -m eval.score --help`` has that bug)."""
     from eval.score import add_weight_flags
 
+    before = set(map(id, parser._actions))
     add_weight_flags(parser)
+    for action in parser._actions:
+        if id(action) not in before and action.help:
+            action.help = action.help.replace("%", "%%")
 
 
 def parse_args(argv: list[str] | None = None) -> PairsConfig:

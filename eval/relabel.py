@@ -88,9 +88,9 @@ def _finish(cfg, namespace):
 
 
 def _extend(parser):
-    from eval.score import add_weight_flags
+    from eval.pairs import _extend as weight_flags
 
-    add_weight_flags(parser)
+    weight_flags(parser)
 
 
 def parse_args(argv=None) -> RelabelConfig:

@@ -346,3 +346,13 @@ def test_prompts_from_a_data_set_column(tmp_path):
     assert json.loads(Path(path).read_text()) == [f"chosen picture {i}" for i in range(3)]
     with pytest.raises(P.PairsError, match=r"--prompt_column 'caption'.*'prompt'"):
         P.prompt_source(P.parse_args(base))
+
+
+@pytest.mark.parametrize("module", ["eval.pairs", "eval.relabel", "eval.rounds"])
+def test_help_prints(module, capsys):
+    """--help works (the weight flags' URLs hold '%', which argparse must not format)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as err:
+        importlib.import_module(module).parse_args(["--help"])
+    assert err.value.code == 0 and "--outdir" in capsys.readouterr().out
