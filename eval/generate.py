@@ -394,9 +394,7 @@ def load_pipeline(plan: Plan, dtype_name: str, device):
     vae_kw.update(_dtype_kwarg(torch.float32))
     vae = _from_pretrained(diffusers.AutoencoderKL, vae_src, "VAE", **vae_kw)
     scheduler_cls = getattr(diffusers, family.eval_scheduler_class_name)
-    scheduler = _from_pretrained(
-        scheduler_cls, plan.base, "scheduler config", subfolder="scheduler"
-    )
+    scheduler = _from_pretrained(scheduler_cls, plan.base, "scheduler config", subfolder="scheduler")
     pipe = _from_pretrained(
         family.pipeline_class(), plan.base, "base pipeline", **{sub: unet}, vae=vae,
         scheduler=scheduler, **_dtype_kwarg(dtype), **family.pipeline_kwargs(),
