@@ -19,7 +19,6 @@ the VAE convolutions).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 
 from sdpo import io
 from sdpo.cli import arg, parse
-from sdpo.config import DataFlags, ModelFlags
+from sdpo.config import DataFlags, ModelFlags, validate_data
 from sdpo.data.cached import (
     EMPTY_FILE,
     FORMAT_VERSION,
@@ -74,10 +73,7 @@ def validate(cfg: CacheConfig) -> CacheConfig:
         bad("pretrained_model_name_or_path", "is required")
     if not cfg.output_dir:
         bad("output_dir", "is required")
-    if bool(cfg.dataset_name) == bool(cfg.train_data_dir):
-        bad("dataset_name", "give exactly one of --dataset_name or --train_data_dir")
-    if cfg.train_data_dir and not os.path.isdir(cfg.train_data_dir):
-        bad("train_data_dir", f"folder {cfg.train_data_dir!r} does not exist")
+    validate_data(cfg, cached=True)  # the data flags' checks, shared with train.py
     if cfg.random_crop:
         bad(
             "random_crop",

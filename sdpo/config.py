@@ -51,14 +51,26 @@ class ModelFlags:
     )
 
 
+def _layout_names() -> list[str]:
+    from sdpo.data.layouts import LAYOUT_CHOICES
+
+    return list(LAYOUT_CHOICES)
+
+
+def _column(help_text: str):
+    return _f(None, help_text + " (default: the layout's conventional names, see docs/data.md).")
+
+
 @dataclass
 class DataFlags:
     """Which preference pairs, at which size (shared by ``train.py`` and the cache tool)."""
 
-    dataset_name: str | None = _f(None, "Hub dataset id in the Pick-a-Pic v2 schema.")
+    dataset_name: str | None = _f(None, "Hub dataset id (any layout of --data_layout).")
     dataset_config_name: str | None = _f(None, "Config name of --dataset_name.")
     train_data_dir: str | None = _f(
-        None, "Local folder of parquet/arrow files in the Pick-a-Pic v2 schema."
+        None,
+        "Local folder: parquet/arrow shards, an imagefolder with metadata.jsonl, or "
+        "jsonl/json/csv tables with image paths (any layout of --data_layout).",
     )
     split: str = _f("train", "Dataset split to train on.")
     cache_dir: str | None = _f(None, "Cache folder for hub models and datasets.")
@@ -66,6 +78,82 @@ class DataFlags:
         None, "Keep this many (non-tie) pairs, drawn with --seed (debugging / quick runs)."
     )
     resolution: int | None = _f(None, "Training image size (default 512, or 1024 with --sdxl).")
+    # --- data layout and column mapping (sdpo.data.layouts; docs/data.md) ---
+    data_layout: str = _f(
+        "auto",
+        "Table layout: pickapic (jpg_0, jpg_1, label_0, caption), chosen_rejected, scores (two "
+        "images, a score each), ranked (image list + rank/score list), images (image + caption, "
+        "SFT only); auto detects the one layout whose columns are present and logs it.",
+        choices_from=_layout_names,
+    )
+    caption_column: str | None = _column("Prompt / caption column (official flag)")
+    image_column: str | None = _column("Image column of the 'images' layout (official SFT flag)")
+    image_0_column: str | None = _column("First image column (pickapic, scores)")
+    image_1_column: str | None = _column("Second image column (pickapic, scores)")
+    label_column: str | None = _column("Pick-a-Pic label column: 1 first image won, 0.5 tie")
+    chosen_column: str | None = _column("Preferred image column (chosen_rejected)")
+    rejected_column: str | None = _column("Rejected image column (chosen_rejected)")
+    score_0_column: str | None = _column("Score / votes of the first image (scores)")
+    score_1_column: str | None = _column("Score / votes of the second image (scores)")
+    images_column: str | None = _column("Image list column (ranked)")
+    ranks_column: str | None = _column("Rank list column, lower is better (ranked)")
+    scores_column: str | None = _column("Score list column, higher is better (ranked)")
+    model_0_column: str | None = _column("Generator of the first / chosen image")
+    model_1_column: str | None = _column("Generator of the second / rejected image")
+    pair_mode: str = _f(
+        "best_worst",
+        "ranked layout: one best-vs-worst pair per row, or every pair (gap > threshold).",
+        choices=["best_worst", "all"],
+    )
+    score_tie_threshold: float = _f(
+        0.0, "scores / ranked layouts: pairs whose score gap is <= this are ties and dropped."
+    )
+    dreamlike_pairs_only: bool = _f(
+        False, "Keep only pairs whose two images both come from a Dreamlike model (official)."
+    )
+    choice_model: str | None = _f(
+        None,
+        "Re-decide every pair with this reward model as rows are read (official flag; "
+        "pickscore, hpsv2, clip, aesthetics, imagereward; hps/aes accepted). Offline and "
+        "faster: python -m eval.relabel.",
+    )
+
+
+def validate_data(cfg, *, cached: bool = False) -> None:
+    """The data flags' own checks (one ``ValueError`` naming the flag); no data is read.
+    ``cached``: the pairs go through a precomputed cache (the cache tool, --precomputed_dir)."""
+    from sdpo.data.layouts import LAYOUT_CHOICES, PAIR_MODES, mapping_flags
+
+    if bool(cfg.dataset_name) == bool(cfg.train_data_dir):
+        raise ValueError(
+            "--dataset_name: give exactly one of --dataset_name (hub id) or --train_data_dir"
+        )
+    if cfg.train_data_dir and not os.path.isdir(cfg.train_data_dir):
+        raise ValueError(f"--train_data_dir: folder {cfg.train_data_dir!r} does not exist")
+    if cfg.data_layout not in LAYOUT_CHOICES:
+        raise ValueError(f"--data_layout: {cfg.data_layout!r} is not one of {list(LAYOUT_CHOICES)}")
+    if cfg.pair_mode not in PAIR_MODES:
+        raise ValueError(f"--pair_mode: {cfg.pair_mode!r} is not one of {list(PAIR_MODES)}")
+    if not cfg.score_tie_threshold >= 0:
+        raise ValueError(f"--score_tie_threshold: must be >= 0, got {cfg.score_tie_threshold}")
+    if cfg.choice_model:
+        from sdpo.data.pairs import CHOICE_ALIASES
+
+        metrics = ("pickscore", "hpsv2", "clip", "aesthetics", "imagereward")
+        if CHOICE_ALIASES.get(cfg.choice_model, cfg.choice_model) not in metrics:
+            raise ValueError(
+                f"--choice_model: {cfg.choice_model!r} is not one of {list(metrics)} "
+                f"(or {list(CHOICE_ALIASES)})"
+            )
+        if cached:
+            raise ValueError(
+                "--choice_model: cached pairs cannot be re-decided per row; relabel offline "
+                "(python -m eval.relabel) and cache the relabelled folder"
+            )
+    for flag in mapping_flags():
+        value = getattr(cfg, flag, None)
+        if value is not None and not str(value).strip():
+            raise ValueError(f"--{flag}: give a column name (got an empty string)")
 
 
 @dataclass
@@ -248,10 +336,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.unet_init and _looks_local(cfg.unet_init) and not os.path.exists(cfg.unet_init):
         bad("unet_init", f"{cfg.unet_init!r} does not exist")
 
-    if bool(cfg.dataset_name) == bool(cfg.train_data_dir):
-        bad("dataset_name", "give exactly one of --dataset_name (hub id) or --train_data_dir")
-    if cfg.train_data_dir and not os.path.isdir(cfg.train_data_dir):
-        bad("train_data_dir", f"folder {cfg.train_data_dir!r} does not exist")
+    validate_data(cfg, cached=cfg.precomputed_dir is not None)
 
     positive = (
         "train_batch_size",

@@ -1,4 +1,5 @@
-"""Training data: where pairs come from (:mod:`sdpo.data.pickapic`), how rows become batches
+"""Training data: where pairs come from (:mod:`sdpo.data.pickapic`; any layout through
+:mod:`sdpo.data.layouts`), how rows become batches
 (:mod:`sdpo.data.pairs`: decoding, the one :class:`~sdpo.data.pairs.Augment` object, collation,
 the keyed shuffle) and the cached path (:mod:`sdpo.data.cached`). :func:`build_dataloader` is
 the one entry point of training for both paths.
@@ -52,11 +53,12 @@ def build_dataloader(
             batch_size=batch_size,
             num_workers=num_workers,
         )
-    from sdpo.data.pairs import PreferencePairs, collate_pairs, make_loader
-    from sdpo.data.pickapic import load_pickapic
+    from sdpo.data.pairs import PreferencePairs, RewardChooser, collate_pairs, make_loader
+    from sdpo.data.pickapic import load_pairs
 
-    hf_ds, info = load_pickapic(source, augment.seed)
-    dataset = PreferencePairs(hf_ds, augment, paired=paired)
+    hf_ds, info = load_pairs(source, augment.seed, paired=paired)
+    chooser = RewardChooser(source.choice_model) if source.choice_model else None
+    dataset = PreferencePairs(hf_ds, augment, paired=paired, chooser=chooser)
     loader, sampler = make_loader(
         dataset,
         seed=augment.seed,

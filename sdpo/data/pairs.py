@@ -39,12 +39,26 @@ def keyed_generator(*key: int, device: str | torch.device = "cpu") -> torch.Gene
     return torch.Generator(device=device).manual_seed(keyed_seed(*key))
 
 
+def image_bytes(value) -> bytes:
+    """The encoded bytes of an undecoded image value (bytes, ``{"bytes", "path"}`` or a path)."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value["path"]
+    if isinstance(value, str):
+        with open(value, "rb") as fh:
+            return fh.read()
+    return bytes(value)
+
+
 def decode_image(value):
-    """Encoded bytes (or ``{"bytes": ...}`` / a PIL image) -> RGB PIL image, fully decoded."""
+    """Encoded bytes (or ``{"bytes": ...}``, a file path, a PIL image) -> RGB PIL image, fully
+    decoded."""
     from PIL import Image
 
     if isinstance(value, dict):
-        value = value.get("bytes") or open(value["path"], "rb").read()
+        value = value.get("bytes") or value["path"]
+    if isinstance(value, str):
+        with open(value, "rb") as fh:
+            value = fh.read()
     if isinstance(value, Image.Image):
         image = value
     else:
@@ -108,8 +122,48 @@ class Augment:
         return self.drop_caption(gen), [self.flip(gen) for _ in range(n_images)]
 
 
+CHOICE_ALIASES = {"hps": "hpsv2", "aes": "aesthetics"}  # the official --choice_model names
+
+
+class RewardChooser:
+    """``--choice_model``: a reward model re-decides each pair when its row is read (the
+    official online relabelling): the image it scores higher becomes the winner; equal scores
+    keep the data's order. The scorer is built on first use in the process that reads rows
+    (each DataLoader worker builds its own), through :mod:`eval.scorers` (imported only then:
+    the library does not depend on the evaluation package otherwise)."""
+
+    def __init__(self, metric: str, device: str | None = None, weights: dict | None = None):
+        self.metric = CHOICE_ALIASES.get(metric, metric)
+        self.device = device
+        self.weights = dict(weights or {})
+        self._scorer = None
+
+    def __getstate__(self):  # workers rebuild the scorer rather than pickling weights
+        return {**self.__dict__, "_scorer": None}
+
+    def scorer(self):
+        if self._scorer is None:
+            from eval.scorers import get_scorer, resolve_weights
+
+            device = self.device
+            if device is None:
+                # A DataLoader worker is a forked process: CUDA cannot be initialised there once
+                # the trainer has, so workers score on the CPU (the offline path avoids this).
+                worker = torch.utils.data.get_worker_info() is not None
+                device = "cuda" if torch.cuda.is_available() and not worker else "cpu"
+            weights = resolve_weights(self.metric, **self.weights)
+            self._scorer = get_scorer(self.metric, device=device, batch_size=2, **weights)
+        return self._scorer
+
+    def swap(self, winner, loser, caption: str) -> bool:
+        """True when the reward model prefers ``loser`` (PIL images) for ``caption``."""
+        scores = self.scorer().score([winner, loser], [caption, caption])
+        return bool(scores[1] > scores[0])
+
+
 class PreferencePairs(torch.utils.data.Dataset):
-    """Map-style dataset of decoded, transformed pairs (or preferred images for unpaired SFT).
+    """Map-style dataset of decoded, transformed pairs (or preferred images for unpaired SFT),
+    optionally re-ordered by a reward model (``chooser``, ``--choice_model``).
 
     Item: ``pixel_values`` ``[2, 3, R, R]`` (winner, loser; ``[1, 3, R, R]`` when
     ``paired=False``), ``caption`` (str, '' after dropout), ``index`` (row used), ``epoch``,
@@ -119,10 +173,13 @@ class PreferencePairs(torch.utils.data.Dataset):
     keep their size, and the skip is counted in ``corrupt``.
     """
 
-    def __init__(self, hf_dataset, augment: Augment, *, paired: bool = True):
+    def __init__(
+        self, hf_dataset, augment: Augment, *, paired: bool = True, chooser: RewardChooser = None
+    ):
         self.ds = hf_dataset
         self.augment = augment
         self.paired = paired
+        self.chooser = chooser
         self.epoch = 0
 
     def start_epoch(self, epoch: int) -> None:
@@ -141,8 +198,11 @@ class PreferencePairs(torch.utils.data.Dataset):
             try:
                 winner, loser = ordered(row)
                 images = [decode_image(winner)]
-                if self.paired:
+                if self.paired or self.chooser is not None:
                     images.append(decode_image(loser))
+                if self.chooser is not None and self.chooser.swap(*images, row["caption"] or ""):
+                    images.reverse()
+                images = images if self.paired else images[:1]
             except Exception as err:  # any decode failure: PIL raises several types
                 logger.warning("row %d: image does not decode (%s); skipped", row_index, err)
                 continue
