@@ -18,6 +18,12 @@
 # Rerunning the same command resumes: finished images and scores are kept.
 set -euo pipefail
 
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  # This header, then the flags of the command it runs.
+  sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+  cd "$(dirname "$0")/../.."
+  exec "${PYTHON:-python}" -m eval.pairs --help
+fi
 if [[ $# -lt 2 ]]; then
   echo "usage: bash $0 <prompts file|set> <outdir> [unet.pth|base] [extra eval.pairs args]" >&2
   exit 2

@@ -14,6 +14,12 @@
 # Outputs: <outdir>/round_<r>/{pairs,train}, <outdir>/rounds_summary.{json,md}. Rerunning resumes.
 set -euo pipefail
 
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  # This header, then the flags of the command it runs.
+  sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+  cd "$(dirname "$0")/../.."
+  exec "${PYTHON:-python}" -m eval.rounds --help
+fi
 if [[ $# -lt 2 ]]; then
   echo "usage: bash $0 <prompts file|set> <outdir> [extra eval.rounds args]" >&2
   exit 2
