@@ -102,6 +102,35 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+class LaunchError(RuntimeError):
+    """The launch does not run what was asked for (reported as one line by :func:`cli`)."""
+
+
+def check_engine(accelerator) -> None:
+    """Refuse a launch that accelerate silently runs as something else (before models load).
+
+    On a machine without GPUs accelerate 1.x cannot run its sharded engines: with ``--cpu`` it
+    ignores FSDP and DeepSpeed and runs DDP over gloo; without it, every process of a
+    2-process launch becomes its own world of one (FSDP: no distribution at all; DeepSpeed
+    then fails its batch-size check against the real world size)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != accelerator.num_processes:
+        raise LaunchError(
+            f"the launcher started {world} processes but accelerate sees "
+            f"{accelerator.num_processes} ({accelerator.distributed_type.value}): a sharded engine "
+            "(FSDP, DeepSpeed) needs GPUs; on CPUs launch plain DDP (ACCELERATE_USE_CPU=true)"
+        )
+    for engine in ("FSDP", "DEEPSPEED"):
+        asked = os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"
+        if asked and accelerator.distributed_type.value != engine:
+            raise LaunchError(
+                f"{engine} was asked for (ACCELERATE_USE_{engine}) but accelerate runs "
+                f"{accelerator.distributed_type.value}: it shards only on GPUs"
+            )
+
+
 def _stop(accelerator, out: Path, message: str) -> None:
     """End the run on every process with ``message`` (the decision is already reduced, so all
     processes arrive here at the same step); the summary records why."""
@@ -137,7 +166,12 @@ def _release_accelerate() -> None:
 def _train(cfg: TrainConfig) -> dict:
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+    from accelerate.utils import (
+        DistributedType,
+        ProjectConfiguration,
+        broadcast_object_list,
+        set_seed,
+    )
     from diffusers.optimization import get_scheduler
 
     from sdpo import checkpoint as ckpt
@@ -166,6 +200,7 @@ def _train(cfg: TrainConfig) -> dict:
             project_dir=str(out), logging_dir=str(out / cfg.logging_dir)
         ),
     )
+    check_engine(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level="INFO")
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
@@ -271,6 +306,7 @@ def _train(cfg: TrainConfig) -> dict:
     alarm.load_state_dict(state.get("pathology", {}))
     last_checkpoint = resume
     clip_norm = cfg.clip_norm if cfg.clip_norm > 0 else math.inf  # inf: measure, never clip
+    steps_in_backward = accelerator.distributed_type == DistributedType.DEEPSPEED
     logger.info("%s on %d pairs; %d processes", cfg.train_method, data_info["pairs"], n_proc)
     main_proc = accelerator.is_main_process
     progress = Progress(cfg.max_train_steps, global_step, enabled=main_proc, every=cfg.log_every)
@@ -311,6 +347,16 @@ def _train(cfg: TrainConfig) -> dict:
                         lr_scheduler.step()
                     elif accelerator.scaler is not None:
                         accelerator.scaler.update()  # forget the unscale_ of this step
+                    elif steps_in_backward:
+                        # DeepSpeed stepped inside accelerator.backward: too late to skip.
+                        _stop(
+                            accelerator,
+                            out,
+                            f"stopped at step {global_step + 1}: non-finite loss or gradient "
+                            "norm under DeepSpeed, which applies the update inside backward, so "
+                            "it could not be skipped; last good checkpoint: "
+                            f"{last_checkpoint}",
+                        )
                 optimizer.zero_grad(set_to_none=True)  # drops a skipped step's gradients
             meter.add(stats, batch["corrupt"])
             if not accelerator.sync_gradients:
@@ -344,7 +390,8 @@ def _train(cfg: TrainConfig) -> dict:
                 _stop(accelerator, out, nonfinite.stop_message(global_step, last_checkpoint))
             done = global_step >= cfg.max_train_steps
             if global_step % cfg.checkpointing_steps == 0 or done:
-                if not weights_finite(params, accelerator):
+                trained = [p for p in unet.parameters() if p.requires_grad]  # after prepare()
+                if not weights_finite(trained, accelerator):
                     _stop(
                         accelerator,
                         out,
@@ -408,7 +455,7 @@ def cli(argv: list[str] | None = None) -> dict:
         build_parser().error(str(err))
     try:
         return main(cfg)
-    except NonFiniteStop as err:  # an expected end: one line (once), no traceback
+    except (NonFiniteStop, LaunchError) as err:  # an expected end: one line (once), no traceback
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"train.py: {err}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -18,7 +18,7 @@ import torch
 
 import sdpo.step
 from sdpo.guard import NonFiniteGuard, PathologyAlarm, _slope_t
-from tests.train_fixtures import build_models, max_abs_diff, train_args
+from tests.train_fixtures import REPO, build_models, max_abs_diff, train_args
 
 # ---------------------------------------------------------------------------------------------
 # The state machines alone
@@ -361,3 +361,57 @@ def test_alarm_on_toy_runs(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded engines on CPU: refused with one line instead of silently running something else
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env_vars, world, seen, kind, match",
+    [
+        ({}, "2", 1, "NO", "the launcher started 2 processes but accelerate sees 1"),
+        ({"ACCELERATE_USE_FSDP": "true"}, "2", 2, "MULTI_CPU", "FSDP was asked for"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "1", 1, "NO", "DEEPSPEED was asked for"),
+        ({"ACCELERATE_USE_FSDP": "true"}, "2", 2, "FSDP", None),
+    ],
+)
+def test_engine_check(monkeypatch, env_vars, world, seen, kind, match):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from sdpo.training import LaunchError, check_engine
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    for key, value in env_vars.items():
+        monkeypatch.setenv(key, value)
+    fake = SimpleNamespace(num_processes=seen, distributed_type=DistributedType[kind])
+    if match is None:
+        check_engine(fake)
+    else:
+        with pytest.raises(LaunchError, match=match):
+            check_engine(fake)
+
+
+def test_fsdp_on_cpu_is_refused_in_one_line(env, tmp_path):
+    """The real launch: 2 torchrun processes asking for FSDP on a CPU machine. accelerate makes
+    each process a world of one; train.py stops before loading a model, with one line."""
+    import os
+    import subprocess
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(port), "train.py"]
+    cmd += train_args(env["model"], env["data"], tmp_path / "o")
+    run_env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "OMP_NUM_THREADS": "1"}
+    run_env.pop("ACCELERATE_USE_CPU", None)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine can run FSDP")
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("train.py:")]
+    assert len(lines) == 1
+    assert "the launcher started 2 processes but accelerate sees 1" in lines[0]
+    assert "sdpo/training.py" not in proc.stderr  # no traceback of ours (torchrun prints its own)
