@@ -141,6 +141,16 @@ class Injector:
         return loss, stats
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and an oversubscribed CPU (parallel test runs)
+    makes multi-threaded torch crawl; the comparisons are within one test, one thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from sdpo.testing.data import write_synthetic_pickapic
