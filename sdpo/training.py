@@ -95,6 +95,20 @@ class Progress:
             self.bar.close()
 
 
+def quiet_library_bars() -> None:
+    """In a log file the libraries' own progress bars (dataset split generation, weight loading
+    and saving) would write their redraws too; switch them off (one call, process-wide)."""
+    import datasets
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    datasets.disable_progress_bars()
+    diffusers_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
@@ -201,6 +215,8 @@ def _train(cfg: TrainConfig) -> dict:
         ),
     )
     check_engine(accelerator)
+    if not sys.stderr.isatty():
+        quiet_library_bars()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level="INFO")
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)

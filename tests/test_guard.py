@@ -270,6 +270,8 @@ def test_consecutive_nans_stop_the_run(env, tmp_path, monkeypatch):
     assert str(out / "checkpoint-2") in err[0]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert "stopped at step 3" in json.loads((out / "train_summary.json").read_text())["stopped"]
+    # A log file, not a terminal: plain lines, no progress-bar redraws (ours or the libraries').
+    assert "\r" not in stderr.getvalue() and "step 1/6 |" not in stderr.getvalue()
 
 
 def _free_port() -> int:
@@ -425,3 +427,29 @@ def test_fsdp_on_cpu_is_refused_in_one_line(env, tmp_path):
     assert len(lines) == 1
     assert "the launcher started 2 processes but accelerate sees 1" in lines[0]
     assert "sdpo/training.py" not in proc.stderr  # no traceback of ours (torchrun prints its own)
+
+
+def test_guard_check_reduces_and_defers_overflow_to_the_loss_scaler():
+    """check(): a NaN loss always skips; a non-finite gradient norm with a finite loss skips,
+    unless fp16's GradScaler handles it (it skips and lowers its scale itself)."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    def reduce(t, reduction):
+        calls.append(reduction)
+        return t  # one process
+
+    acc = SimpleNamespace(device="cpu", reduce=reduce)
+    guard = NonFiniteGuard(3)
+    guard.watch(torch.tensor(0.5))
+    assert not guard.check(torch.tensor(2.0), acc)
+    guard.watch(torch.tensor(float("inf")))
+    guard.watch(torch.tensor(0.5))  # a later finite micro-step does not clear it
+    assert guard.check(torch.tensor(2.0), acc, scaler_handles_grads=True)
+    guard.watch(torch.tensor(0.5))
+    assert guard.check(torch.tensor(float("nan")), acc)
+    guard.watch(torch.tensor(0.5))
+    assert not guard.check(torch.tensor(float("inf")), acc, scaler_handles_grads=True)
+    assert not guard.check(None, acc)  # an engine that reports no norm (DeepSpeed before step)
+    assert calls == ["sum"] * 5
