@@ -129,7 +129,8 @@ def check_engine(accelerator) -> None:
     then fails its batch-size check against the real world size)."""
     import os
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # torchrun / accelerate launch set WORLD_SIZE (mpirun sets its own variables instead).
+    world = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
     if world != accelerator.num_processes:
         raise LaunchError(
             f"the launcher started {world} processes but accelerate sees "

@@ -387,6 +387,7 @@ if __name__ == "__main__":
         ({"ACCELERATE_USE_FSDP": "true"}, "2", 2, "MULTI_CPU", "FSDP was asked for"),
         ({"ACCELERATE_USE_DEEPSPEED": "true"}, "1", 1, "NO", "DEEPSPEED was asked for"),
         ({"ACCELERATE_USE_FSDP": "true"}, "2", 2, "FSDP", None),
+        ({}, None, 2, "MULTI_CPU", None),  # mpirun: no WORLD_SIZE, accelerate reads its own
     ],
 )
 def test_engine_check(monkeypatch, env_vars, world, seen, kind, match):
@@ -396,7 +397,11 @@ def test_engine_check(monkeypatch, env_vars, world, seen, kind, match):
 
     from sdpo.training import LaunchError, check_engine
 
-    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    if world is not None:
+        monkeypatch.setenv("WORLD_SIZE", world)
     for key, value in env_vars.items():
         monkeypatch.setenv(key, value)
     fake = SimpleNamespace(num_processes=seen, distributed_type=DistributedType[kind])
