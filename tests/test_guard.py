@@ -301,27 +301,38 @@ sdpo.training.cli(sys.argv[1:])
 def test_nan_on_one_of_two_processes_skips_everywhere(env, tmp_path):
     """2 gloo processes; process 1 alone sees a NaN loss (finite gradients, so DDP's gradient
     all-reduce cannot carry it): process 0 skips the same step (the saved weights come from
-    process 0), the schedule holds, the run goes on."""
+    process 0), the schedule holds, the run goes on; 2 steps + resume to 3 == 3 straight."""
     from tests.test_train_run import _subprocess
 
     script = tmp_path / "hooked_train.py"
     script.write_text(HOOK)
+
+    def launch(out, steps):
+        args = train_args(env["model"], env["data"], out, "--max_train_steps", steps)
+        args += ["--checkpointing_steps", "1", "--lr_warmup_steps", "10"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        launcher += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+        # As tests/test_train_run.py launches 2 CPU processes (torchrun + gloo), with the hook.
+        _subprocess(
+            [*launcher, str(script), *args, "--train_batch_size", "1"],
+            {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+        )
+
     out = tmp_path / "two"
-    args = train_args(env["model"], env["data"], out, "--max_train_steps", "3")
-    args += ["--checkpointing_steps", "1", "--lr_warmup_steps", "10", "--train_batch_size", "1"]
-    port = _free_port()
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    launcher += ["--master_addr", "127.0.0.1", "--master_port", str(port)]
-    # As tests/test_train_run.py launches 2 CPU processes (torchrun + gloo), with the hook.
-    _subprocess(
-        [*launcher, str(script), *args], {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    )
+    launch(out, "3")
     rows = _log(out)
     assert [r["nonfinite"] for r in rows] == [False, True, False]
     assert rows[1]["loss"] is None and rows[0]["lr"] == rows[1]["lr"] < rows[2]["lr"]
     assert max_abs_diff(_ckpt(out, 1, "unet.pth"), _ckpt(out, 2, "unet.pth")) == 0.0
     assert _same_optimizer(_ckpt(out, 1, "optimizer.bin"), _ckpt(out, 2, "optimizer.bin"))
     assert max_abs_diff(_ckpt(out, 2, "unet.pth"), _ckpt(out, 3, "unet.pth")) > 0
+
+    split = tmp_path / "split"
+    launch(split, "2")  # the NaN step is the last one before the stop
+    launch(split, "3")  # the resumed part has one micro-step per process: no NaN
+    assert _log(split) == rows
+    a = torch.load(out / "unet.pth", weights_only=True)
+    assert max_abs_diff(a, torch.load(split / "unet.pth", weights_only=True)) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
