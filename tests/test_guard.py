@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 import sys
 
 import pytest
@@ -301,7 +302,8 @@ sdpo.training.cli(sys.argv[1:])
 def test_nan_on_one_of_two_processes_skips_everywhere(env, tmp_path):
     """2 gloo processes; process 1 alone sees a NaN loss (finite gradients, so DDP's gradient
     all-reduce cannot carry it): process 0 skips the same step (the saved weights come from
-    process 0), the schedule holds, the run goes on; 2 steps + resume to 3 == 3 straight."""
+    process 0), the schedule holds, the run goes on; resuming from the skipped step's
+    checkpoint gives the same step 3, bit for bit."""
     from tests.test_train_run import _subprocess
 
     script = tmp_path / "hooked_train.py"
@@ -327,9 +329,13 @@ def test_nan_on_one_of_two_processes_skips_everywhere(env, tmp_path):
     assert _same_optimizer(_ckpt(out, 1, "optimizer.bin"), _ckpt(out, 2, "optimizer.bin"))
     assert max_abs_diff(_ckpt(out, 2, "unet.pth"), _ckpt(out, 3, "unet.pth")) > 0
 
+    # Resume from the checkpoint of the skipped step, in a fresh folder (the resumed part has
+    # one micro-step per process: no NaN).
     split = tmp_path / "split"
-    launch(split, "2")  # the NaN step is the last one before the stop
-    launch(split, "3")  # the resumed part has one micro-step per process: no NaN
+    split.mkdir()
+    shutil.copytree(out / "checkpoint-2", split / "checkpoint-2")
+    shutil.copy(out / "train_log.jsonl", split / "train_log.jsonl")
+    launch(split, "3")
     assert _log(split) == rows
     a = torch.load(out / "unet.pth", weights_only=True)
     assert max_abs_diff(a, torch.load(split / "unet.pth", weights_only=True)) == 0.0
