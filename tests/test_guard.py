@@ -366,21 +366,21 @@ def test_progress_is_plain_lines_in_a_log_file():
 
 
 def test_alarm_on_toy_runs(tmp_path):
-    """The CPU toy at small size (experiments/toy: SFT start, then 60 steps of Diffusion-DPO at
+    """The CPU toy at small size (experiments/toy: SFT start, then 50 steps of Diffusion-DPO at
     β 5000): plain DPO raises the alarm (both errors rise), the safeguard (μ 0.9) does not."""
     from experiments.toy.config import ToyConfig
     from experiments.toy.runs import prepare, run_train, train_argv
 
-    cfg = ToyConfig(outdir=str(tmp_path), seeds=1, steps=60, sft_steps=100, train_pairs=128,
+    cfg = ToyConfig(outdir=str(tmp_path), seeds=1, steps=50, sft_steps=60, train_pairs=64,
                     heldout_pairs=8, workers=1)  # fmt: skip
     paths = prepare(cfg)
     summaries = {}
     for mu in (None, 0.9):
         argv = train_argv(model=paths["model"], data=paths["train"], out=tmp_path / str(mu),
-                          method="diffusion-dpo", seed=1, steps=cfg.steps, lr=cfg.lr,
+                          method="diffusion-dpo", seed=0, steps=cfg.steps, lr=cfg.lr,
                           batch=cfg.batch_pairs, checkpoint_every=cfg.steps, beta=5000.0, mu=mu,
                           unet_init=paths["sft"] / "unet.pth")  # fmt: skip
-        out = run_train([*argv, "--pathology_window", "30"])
+        out = run_train([*argv, "--pathology_window", "25"])
         summaries[mu] = json.loads((out / "train_summary.json").read_text())
     fired = summaries[None]["pathology_alarm"]
     assert fired is not None and fired["winner_t"] > 3 and fired["loser_t"] > 3
