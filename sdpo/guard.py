@@ -36,7 +36,11 @@ def weights_finite(params, accelerator) -> bool:
     import torch
     from torch.nn.utils import get_total_norm
 
+    # Under FSDP2 a parameter is a DTensor: each process checks its own shard, the flag is
+    # reduced; FSDP1 leaves empty views on the processes that do not hold a shard.
     tensors = [p.detach() for p in params]
+    tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    tensors = [t for t in tensors if t.numel()]
     local = get_total_norm(tensors, norm_type=math.inf) if tensors else torch.zeros(())
     bad = (~torch.isfinite(local)).reshape(1).to(accelerator.device)
     return not bool(any_process(bad, accelerator).item())

@@ -95,11 +95,55 @@ class Progress:
             self.bar.close()
 
 
+def quiet_library_bars() -> None:
+    """In a log file the libraries' own progress bars (dataset split generation, weight loading
+    and saving) would write their redraws too; switch them off (one call, process-wide)."""
+    import datasets
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    datasets.disable_progress_bars()
+    diffusers_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class LaunchError(RuntimeError):
+    """The launch does not run what was asked for (reported as one line by :func:`cli`)."""
+
+
+def check_engine(accelerator) -> None:
+    """Refuse a launch that accelerate silently runs as something else (before models load).
+
+    On a machine without GPUs accelerate 1.x cannot run its sharded engines: with ``--cpu`` it
+    ignores FSDP and DeepSpeed and runs DDP over gloo; without it, every process of a
+    2-process launch becomes its own world of one (FSDP: no distribution at all; DeepSpeed
+    then fails its batch-size check against the real world size)."""
+    import os
+
+    # torchrun / accelerate launch set WORLD_SIZE (mpirun sets its own variables instead).
+    world = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+    if world != accelerator.num_processes:
+        raise LaunchError(
+            f"the launcher started {world} processes but accelerate sees "
+            f"{accelerator.num_processes} ({accelerator.distributed_type.value}): a sharded engine "
+            "(FSDP, DeepSpeed) needs GPUs; on CPUs launch plain DDP (ACCELERATE_USE_CPU=true)"
+        )
+    for engine in ("FSDP", "DEEPSPEED"):
+        asked = os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"
+        if asked and accelerator.distributed_type.value != engine:
+            raise LaunchError(
+                f"{engine} was asked for (ACCELERATE_USE_{engine}) but accelerate runs "
+                f"{accelerator.distributed_type.value}: it shards only on GPUs"
+            )
 
 
 def _stop(accelerator, out: Path, message: str) -> None:
@@ -137,7 +181,12 @@ def _release_accelerate() -> None:
 def _train(cfg: TrainConfig) -> dict:
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+    from accelerate.utils import (
+        DistributedType,
+        ProjectConfiguration,
+        broadcast_object_list,
+        set_seed,
+    )
     from diffusers.optimization import get_scheduler
 
     from sdpo import checkpoint as ckpt
@@ -166,6 +215,9 @@ def _train(cfg: TrainConfig) -> dict:
             project_dir=str(out), logging_dir=str(out / cfg.logging_dir)
         ),
     )
+    check_engine(accelerator)
+    if not sys.stderr.isatty():
+        quiet_library_bars()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level="INFO")
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
@@ -271,6 +323,7 @@ def _train(cfg: TrainConfig) -> dict:
     alarm.load_state_dict(state.get("pathology", {}))
     last_checkpoint = resume
     clip_norm = cfg.clip_norm if cfg.clip_norm > 0 else math.inf  # inf: measure, never clip
+    steps_in_backward = accelerator.distributed_type == DistributedType.DEEPSPEED
     logger.info("%s on %d pairs; %d processes", cfg.train_method, data_info["pairs"], n_proc)
     main_proc = accelerator.is_main_process
     progress = Progress(cfg.max_train_steps, global_step, enabled=main_proc, every=cfg.log_every)
@@ -311,6 +364,16 @@ def _train(cfg: TrainConfig) -> dict:
                         lr_scheduler.step()
                     elif accelerator.scaler is not None:
                         accelerator.scaler.update()  # forget the unscale_ of this step
+                    elif steps_in_backward:
+                        # DeepSpeed stepped inside accelerator.backward: too late to skip.
+                        _stop(
+                            accelerator,
+                            out,
+                            f"stopped at step {global_step + 1}: non-finite loss or gradient "
+                            "norm under DeepSpeed, which applies the update inside backward, so "
+                            "it could not be skipped; last good checkpoint: "
+                            f"{last_checkpoint}",
+                        )
                 optimizer.zero_grad(set_to_none=True)  # drops a skipped step's gradients
             meter.add(stats, batch["corrupt"])
             if not accelerator.sync_gradients:
@@ -344,7 +407,8 @@ def _train(cfg: TrainConfig) -> dict:
                 _stop(accelerator, out, nonfinite.stop_message(global_step, last_checkpoint))
             done = global_step >= cfg.max_train_steps
             if global_step % cfg.checkpointing_steps == 0 or done:
-                if not weights_finite(params, accelerator):
+                trained = [p for p in unet.parameters() if p.requires_grad]  # after prepare()
+                if not weights_finite(trained, accelerator):
                     _stop(
                         accelerator,
                         out,
@@ -408,9 +472,10 @@ def cli(argv: list[str] | None = None) -> dict:
         build_parser().error(str(err))
     try:
         return main(cfg)
-    except (NonFiniteStop, ValueError) as err:
-        # Expected ends (a run stopped by the guard; bad input found while loading: a data set
-        # without the needed columns, a --unet_init file that is no state dict): one line, once.
+    except (NonFiniteStop, LaunchError, ValueError) as err:
+        # Expected ends (a run stopped by the guard, a launch accelerate would silently change,
+        # bad input found while loading: a data set without the needed columns, a --unet_init
+        # file that is no state dict): one line, once, no traceback.
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"train.py: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 import sys
 
 import pytest
@@ -18,7 +19,7 @@ import torch
 
 import sdpo.step
 from sdpo.guard import NonFiniteGuard, PathologyAlarm, _slope_t
-from tests.train_fixtures import build_models, max_abs_diff, train_args
+from tests.train_fixtures import REPO, build_models, max_abs_diff, train_args
 
 # ---------------------------------------------------------------------------------------------
 # The state machines alone
@@ -141,6 +142,16 @@ class Injector:
         return loss, stats
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and an oversubscribed CPU (parallel test runs)
+    makes multi-threaded torch crawl; the comparisons are within one test, one thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from sdpo.testing.data import write_synthetic_pickapic
@@ -260,6 +271,8 @@ def test_consecutive_nans_stop_the_run(env, tmp_path, monkeypatch):
     assert str(out / "checkpoint-2") in err[0]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert "stopped at step 3" in json.loads((out / "train_summary.json").read_text())["stopped"]
+    # A log file, not a terminal: plain lines, no progress-bar redraws (ours or the libraries').
+    assert "\r" not in stderr.getvalue() and "step 1/6 |" not in stderr.getvalue()
 
 
 def _free_port() -> int:
@@ -289,27 +302,43 @@ sdpo.training.cli(sys.argv[1:])
 def test_nan_on_one_of_two_processes_skips_everywhere(env, tmp_path):
     """2 gloo processes; process 1 alone sees a NaN loss (finite gradients, so DDP's gradient
     all-reduce cannot carry it): process 0 skips the same step (the saved weights come from
-    process 0), the schedule holds, the run goes on."""
+    process 0), the schedule holds, the run goes on; resuming from the skipped step's
+    checkpoint gives the same step 3, bit for bit."""
     from tests.test_train_run import _subprocess
 
     script = tmp_path / "hooked_train.py"
     script.write_text(HOOK)
+
+    def launch(out, steps):
+        args = train_args(env["model"], env["data"], out, "--max_train_steps", steps)
+        args += ["--checkpointing_steps", "1", "--lr_warmup_steps", "10"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        launcher += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+        # As tests/test_train_run.py launches 2 CPU processes (torchrun + gloo), with the hook.
+        _subprocess(
+            [*launcher, str(script), *args, "--train_batch_size", "1"],
+            {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+        )
+
     out = tmp_path / "two"
-    args = train_args(env["model"], env["data"], out, "--max_train_steps", "3")
-    args += ["--checkpointing_steps", "1", "--lr_warmup_steps", "10", "--train_batch_size", "1"]
-    port = _free_port()
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    launcher += ["--master_addr", "127.0.0.1", "--master_port", str(port)]
-    # As tests/test_train_run.py launches 2 CPU processes (torchrun + gloo), with the hook.
-    _subprocess(
-        [*launcher, str(script), *args], {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    )
+    launch(out, "3")
     rows = _log(out)
     assert [r["nonfinite"] for r in rows] == [False, True, False]
     assert rows[1]["loss"] is None and rows[0]["lr"] == rows[1]["lr"] < rows[2]["lr"]
     assert max_abs_diff(_ckpt(out, 1, "unet.pth"), _ckpt(out, 2, "unet.pth")) == 0.0
     assert _same_optimizer(_ckpt(out, 1, "optimizer.bin"), _ckpt(out, 2, "optimizer.bin"))
     assert max_abs_diff(_ckpt(out, 2, "unet.pth"), _ckpt(out, 3, "unet.pth")) > 0
+
+    # Resume from the checkpoint of the skipped step, in a fresh folder (the resumed part has
+    # one micro-step per process: no NaN).
+    split = tmp_path / "split"
+    split.mkdir()
+    shutil.copytree(out / "checkpoint-2", split / "checkpoint-2")
+    shutil.copy(out / "train_log.jsonl", split / "train_log.jsonl")
+    launch(split, "3")
+    assert _log(split) == rows
+    a = torch.load(out / "unet.pth", weights_only=True)
+    assert max_abs_diff(a, torch.load(split / "unet.pth", weights_only=True)) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,21 +366,21 @@ def test_progress_is_plain_lines_in_a_log_file():
 
 
 def test_alarm_on_toy_runs(tmp_path):
-    """The CPU toy at small size (experiments/toy: SFT start, then 60 steps of Diffusion-DPO at
+    """The CPU toy at small size (experiments/toy: SFT start, then 50 steps of Diffusion-DPO at
     β 5000): plain DPO raises the alarm (both errors rise), the safeguard (μ 0.9) does not."""
     from experiments.toy.config import ToyConfig
     from experiments.toy.runs import prepare, run_train, train_argv
 
-    cfg = ToyConfig(outdir=str(tmp_path), seeds=1, steps=60, sft_steps=100, train_pairs=128,
+    cfg = ToyConfig(outdir=str(tmp_path), seeds=1, steps=50, sft_steps=60, train_pairs=64,
                     heldout_pairs=8, workers=1)  # fmt: skip
     paths = prepare(cfg)
     summaries = {}
     for mu in (None, 0.9):
         argv = train_argv(model=paths["model"], data=paths["train"], out=tmp_path / str(mu),
-                          method="diffusion-dpo", seed=1, steps=cfg.steps, lr=cfg.lr,
+                          method="diffusion-dpo", seed=0, steps=cfg.steps, lr=cfg.lr,
                           batch=cfg.batch_pairs, checkpoint_every=cfg.steps, beta=5000.0, mu=mu,
                           unet_init=paths["sft"] / "unet.pth")  # fmt: skip
-        out = run_train([*argv, "--pathology_window", "30"])
+        out = run_train([*argv, "--pathology_window", "25"])
         summaries[mu] = json.loads((out / "train_summary.json").read_text())
     fired = summaries[None]["pathology_alarm"]
     assert fired is not None and fired["winner_t"] > 3 and fired["loser_t"] > 3
@@ -361,3 +390,88 @@ def test_alarm_on_toy_runs(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded engines on CPU: refused with one line instead of silently running something else
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env_vars, world, seen, kind, match",
+    [
+        ({}, "2", 1, "NO", "the launcher started 2 processes but accelerate sees 1"),
+        ({"ACCELERATE_USE_FSDP": "true"}, "2", 2, "MULTI_CPU", "FSDP was asked for"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "1", 1, "NO", "DEEPSPEED was asked for"),
+        ({"ACCELERATE_USE_FSDP": "true"}, "2", 2, "FSDP", None),
+        ({}, None, 2, "MULTI_CPU", None),  # mpirun: no WORLD_SIZE, accelerate reads its own
+    ],
+)
+def test_engine_check(monkeypatch, env_vars, world, seen, kind, match):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from sdpo.training import LaunchError, check_engine
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    if world is not None:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    for key, value in env_vars.items():
+        monkeypatch.setenv(key, value)
+    fake = SimpleNamespace(num_processes=seen, distributed_type=DistributedType[kind])
+    if match is None:
+        check_engine(fake)
+    else:
+        with pytest.raises(LaunchError, match=match):
+            check_engine(fake)
+
+
+def test_fsdp_on_cpu_is_refused_in_one_line(env, tmp_path):
+    """The real launch: 2 torchrun processes asking for FSDP on a CPU machine. accelerate makes
+    each process a world of one; train.py stops before loading a model, with one line."""
+    import os
+    import subprocess
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(port), "train.py"]
+    cmd += train_args(env["model"], env["data"], tmp_path / "o")
+    run_env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "OMP_NUM_THREADS": "1"}
+    run_env.pop("ACCELERATE_USE_CPU", None)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine can run FSDP")
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("train.py:")]
+    assert len(lines) == 1
+    assert "the launcher started 2 processes but accelerate sees 1" in lines[0]
+    assert "sdpo/training.py" not in proc.stderr  # no traceback of ours (torchrun prints its own)
+
+
+def test_guard_check_reduces_and_defers_overflow_to_the_loss_scaler():
+    """check(): a NaN loss always skips; a non-finite gradient norm with a finite loss skips,
+    unless fp16's GradScaler handles it (it skips and lowers its scale itself)."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    def reduce(t, reduction):
+        calls.append(reduction)
+        return t  # one process
+
+    acc = SimpleNamespace(device="cpu", reduce=reduce)
+    guard = NonFiniteGuard(3)
+    guard.watch(torch.tensor(0.5))
+    assert not guard.check(torch.tensor(2.0), acc)
+    guard.watch(torch.tensor(float("inf")))
+    guard.watch(torch.tensor(0.5))  # a later finite micro-step does not clear it
+    assert guard.check(torch.tensor(2.0), acc, scaler_handles_grads=True)
+    guard.watch(torch.tensor(0.5))
+    assert guard.check(torch.tensor(float("nan")), acc)
+    guard.watch(torch.tensor(0.5))
+    assert not guard.check(torch.tensor(float("inf")), acc, scaler_handles_grads=True)
+    assert not guard.check(None, acc)  # an engine that reports no norm (DeepSpeed before step)
+    assert calls == ["sum"] * 5

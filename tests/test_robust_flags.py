@@ -17,6 +17,15 @@ from tests.train_fixtures import load_tiny_parts
 B = 2  # pairs
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; an oversubscribed CPU makes them crawl."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     from sdpo.testing.tiny import build_tiny_sd15

@@ -396,8 +396,10 @@ class ModelFamily:
 
     @staticmethod
     def tokenize(tokenizer, captions: list[str], device):
+        from sdpo.text import clean_caption  # the official slow CLIP tokenizer's cleaning
+
         return tokenizer(
-            list(captions),
+            [clean_caption(c) for c in captions],
             padding="max_length",
             max_length=tokenizer.model_max_length,
             truncation=True,
