@@ -167,3 +167,23 @@ def test_local_folder_split_selection(tmp_path):
         _, info = load_pickapic(_cfg(tmp_path / "d", tmp_path, "--split", split))
         sizes[split] = info["pairs"]
     assert sizes == {"train": 5, "validation": 3, "validation_unique": 2}
+
+
+def test_only_the_train_split_is_shuffled(tmp_path):
+    """As the official code: the train split's order is the keyed permutation, any other split
+    is read in its stored order, in every epoch."""
+    from sdpo.data import build_dataloader
+
+    write_synthetic_pickapic(tmp_path / "d", n_pairs=8, filename="train-00000.parquet")
+    write_synthetic_pickapic(tmp_path / "d", n_pairs=8, filename="validation-00000.parquet")
+    orders = {}
+    for split in ("train", "validation"):
+        source = _cfg(tmp_path / "d", tmp_path, "--split", split)
+        aug = Augment(resolution=32, seed=0)
+        _, _, sampler, _ = build_dataloader(source, aug, paired=True, batch_size=2, num_workers=0)
+        orders[split] = [list(sampler)]
+        sampler.start_epoch(1)
+        orders[split].append(list(sampler))
+    assert orders["validation"] == [list(range(8))] * 2
+    assert orders["train"][0] != list(range(8)) and orders["train"][0] != orders["train"][1]
+    assert sorted(orders["train"][0]) == list(range(8))

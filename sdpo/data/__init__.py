@@ -40,7 +40,11 @@ def build_dataloader(
 ):
     """``(loader, dataset, sampler, info)``: batches of decoded images of ``source``, or, with
     ``precomputed = (cache folder, model family)``, of that cache (which the caller has checked
-    with :func:`sdpo.data.cached.check_cache`). ``info`` counts rows, ties and pairs."""
+    with :func:`sdpo.data.cached.check_cache`). ``info`` counts rows, ties and pairs.
+
+    Only the ``train`` split is shuffled, as in the official code; other splits keep their order.
+    """
+    shuffle = source.split == "train"
     if precomputed is not None:
         from sdpo.data.cached import build_cached_loader
 
@@ -52,6 +56,7 @@ def build_dataloader(
             paired=paired,
             batch_size=batch_size,
             num_workers=num_workers,
+            shuffle=shuffle,
         )
     from sdpo.data.pairs import PreferencePairs, RewardChooser, collate_pairs, make_loader
     from sdpo.data.pickapic import load_pairs
@@ -65,5 +70,6 @@ def build_dataloader(
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_pairs,
+        shuffle=shuffle,
     )
     return loader, dataset, sampler, info

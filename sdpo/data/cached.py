@@ -173,7 +173,9 @@ def collate_cached(items: list[dict], *, family, resolution: int) -> dict:
     }
 
 
-def build_cached_loader(cache_dir, augment: Augment, *, family, paired, batch_size, num_workers):
+def build_cached_loader(
+    cache_dir, augment: Augment, *, family, paired, batch_size, num_workers, shuffle=True
+):
     """``(loader, dataset, sampler, info)`` of a checked cache (see :func:`check_cache`)."""
     dataset = CachedPairs(cache_dir, augment, paired=paired)
     collate = functools.partial(collate_cached, family=family, resolution=augment.resolution)
@@ -183,6 +185,7 @@ def build_cached_loader(cache_dir, augment: Augment, *, family, paired, batch_si
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate,
+        shuffle=shuffle,
     )
     info = {k: dataset.manifest[k] for k in ("rows", "ties_dropped", "pairs")}
     return loader, dataset, sampler, info

@@ -235,14 +235,15 @@ def collate_pairs(items: list[dict]) -> dict:
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
-    """A permutation of ``range(n)`` keyed by ``(seed, epoch)``, identical on every process.
+    """A permutation of ``range(n)`` keyed by ``(seed, epoch)``, identical on every process, or
+    ``range(n)`` itself with ``shuffle=False`` (the official code shuffles only the train split).
 
     Deterministic from the seed alone (no global RNG), so a resumed run replays the same order;
     accelerate shards its batches over processes.
     """
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, *, shuffle: bool = True):
+        self.n, self.seed, self.epoch, self.shuffle = n, seed, 0, shuffle
 
     def start_epoch(self, epoch: int) -> None:
         """Not ``set_epoch``: accelerate's loader would reset it to its own iteration count."""
@@ -252,14 +253,18 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         return self.n
 
     def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
         gen = keyed_generator(self.seed, PURPOSE_SHUFFLE, self.epoch)
         return iter(torch.randperm(self.n, generator=gen).tolist())
 
 
-def make_loader(dataset, *, seed: int, batch_size: int, num_workers: int, collate_fn):
+def make_loader(
+    dataset, *, seed: int, batch_size: int, num_workers: int, collate_fn, shuffle: bool = True
+):
     """``(loader, sampler)``: the one loader builder of the image and the cached paths (keyed
-    shuffle, whole batches only)."""
-    sampler = EpochShuffleSampler(len(dataset), seed)
+    shuffle unless ``shuffle=False``, whole batches only)."""
+    sampler = EpochShuffleSampler(len(dataset), seed, shuffle=shuffle)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
