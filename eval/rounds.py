@@ -11,11 +11,10 @@ Round r (``{outdir}/round_{r}/``):
    later: the previous round's ``unet.pth`` as ``--unet_path``), seeds ``seed + r*K ...`` so
    every round samples fresh images;
 2. ``train/``: ``train.py`` (:func:`sdpo.training.main`) on ``pairs/`` starting from the previous
-   round's ``unet.pth`` (``--unet_init``). The reference of the preference loss is the denoiser
-   training starts from, so it is refreshed to the previous round's policy every round
-   (``--reference refresh``, the iterative-DPO recipe). Keeping the original base as the
-   reference while the policy moves on needs a separate reference initialisation in training,
-   which does not exist yet: ``--reference base`` is refused with that explanation.
+   round's ``unet.pth`` (``--unet_init``). The reference of the preference loss is either
+   refreshed to the previous round's policy every round (``--reference refresh``, the
+   iterative-DPO recipe: the reference is the denoiser training starts from) or kept at the
+   original base model (``--reference base``: ``train.py --ref_unet_init base``).
 
 ``rounds_summary.json`` / ``rounds_summary.md``: per round the pairs made, the mean score of
 each metric over the images the entering model generated (its reward), and the last training
@@ -52,13 +51,6 @@ class RoundsConfig:
 def validate(cfg: RoundsConfig) -> RoundsConfig:
     if cfg.rounds < 1:
         raise ValueError(f"--rounds: must be >= 1, got {cfg.rounds}")
-    if cfg.reference == "base":
-        raise ValueError(
-            "--reference base: training takes its reference from the denoiser it starts from "
-            "(--unet_init), so a round that starts from the previous round's UNet has that "
-            "UNet as reference; a separate reference initialisation is not available yet. Use "
-            "--reference refresh"
-        )
     return cfg
 
 
@@ -91,7 +83,11 @@ def _train_argv(cfg: RoundsConfig, unet: str | None, data: Path, out: Path) -> l
         "--train_data_dir", str(data), "--output_dir", str(out),
         *shlex.split(cfg.train_args),
     ]  # fmt: skip
-    return argv + (["--unet_init", unet] if unet else [])
+    if unet:
+        argv += ["--unet_init", unet]
+        if cfg.reference == "base":  # the policy moves on, the reference stays the base model
+            argv += ["--ref_unet_init", "base"]
+    return argv
 
 
 def _round_row(r: int, pairs_dir: Path, train_dir: Path, unet_in: str | None) -> dict:

@@ -163,6 +163,12 @@ class TrainConfig(DataFlags, ModelFlags):
     unet_init: str = _f(
         "", "Start from another UNet: a diffusers UNet folder, a hub id, or a unet.pth state_dict."
     )
+    ref_unet_init: str = _f(
+        "",
+        "The DPO reference when it is not the starting UNet: 'base' (the base model's own "
+        "UNet, e.g. while --unet_init starts from an earlier round) or a unet.pth / UNet folder; "
+        "'' = a frozen copy of the starting UNet.",
+    )
     random_crop: bool = _f(False, "RandomCrop instead of CenterCrop after the resize.")
     no_hflip: bool = _f(False, "Disable the random horizontal flips.")
     proportion_empty_prompts: float = _f(
@@ -335,6 +341,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("pretrained_vae_model_name_or_path", f"local folder {vae!r} does not exist")
     if cfg.unet_init and _looks_local(cfg.unet_init) and not os.path.exists(cfg.unet_init):
         bad("unet_init", f"{cfg.unet_init!r} does not exist")
+    ref = cfg.ref_unet_init
+    if ref and ref != "base" and _looks_local(ref) and not os.path.exists(ref):
+        bad("ref_unet_init", f"{ref!r} does not exist")
+    if ref and cfg.lora_rank > 0:
+        bad("ref_unet_init", "cannot be combined with --lora_rank (LoRA's reference is its base)")
 
     validate_data(cfg, cached=cfg.precomputed_dir is not None)
 

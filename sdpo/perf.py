@@ -55,9 +55,12 @@ class ModelSetup:
         )
 
 
-def setup_models(parts, setup: ModelSetup, *, needs_reference: bool, device, weight_dtype):
-    """Place the frozen parts, build the reference, apply LoRA / memory format / checkpointing /
-    compile to the policy. Returns ``(unet, ref_unet or None, trainable parameters)``."""
+def setup_models(
+    parts, setup: ModelSetup, *, needs_reference: bool, device, weight_dtype, reference=None
+):
+    """Place the frozen parts, build the reference (``reference``: a given denoiser instead of a
+    copy of the start), apply LoRA / memory format / checkpointing / compile to the policy.
+    Returns ``(unet, ref_unet or None, trainable parameters)``."""
     if setup.cached:
         # Batches carry the encoders' outputs: keep the VAE / text encoders off the GPU.
         for module in (parts.vae, *parts.text_encoders):
@@ -73,7 +76,11 @@ def setup_models(parts, setup: ModelSetup, *, needs_reference: bool, device, wei
         if needs_reference:
             ref_unet = AdapterDisabledReference(unet)
     elif needs_reference:  # frozen copy of the starting denoiser, never given to the optimizer
-        ref_unet = parts.make_reference().to(device, dtype=weight_dtype)
+        if reference is not None:
+            ref_unet = reference.requires_grad_(False).eval()
+        else:
+            ref_unet = parts.make_reference()
+        ref_unet = ref_unet.to(device, dtype=weight_dtype)
     params = [p for p in unet.parameters() if p.requires_grad]
     unet.train()
     if setup.gradient_checkpointing:

@@ -274,12 +274,17 @@ def _train(cfg: TrainConfig) -> dict:
         accelerator.mixed_precision, torch.float32
     )
     # Frozen encoders placed, frozen reference (a copy, or LoRA's base), trainable parameters.
+    reference = None
+    if cfg.ref_unet_init and spec.needs_reference:  # another reference than the start
+        init = "" if cfg.ref_unet_init == "base" else cfg.ref_unet_init
+        reference = family.load_denoiser(ModelSource.from_flags(cfg, denoiser_init=init))
     unet, ref_unet, params = setup_models(
         parts,
         ModelSetup.from_flags(cfg),
         needs_reference=spec.needs_reference,
         device=accelerator.device,
         weight_dtype=weight_dtype,
+        reference=reference,
     )
 
     n_proc = accelerator.num_processes

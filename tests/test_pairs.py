@@ -276,8 +276,14 @@ def test_two_rounds_end_to_end(setup, tmp_path, scorer_env, monkeypatch):
     # Rerun: nothing is generated or trained again.
     monkeypatch.setattr(G, "load_pipeline", lambda *a, **k: pytest.fail("generated again"))
     assert RD.main(RD.parse_args(argv)) == rows and len(seen) == 2
-    with pytest.raises(SystemExit):
-        RD.parse_args([*argv, "--reference", "base"])
+    # --reference base: round 1 starts from round 0's UNet but keeps the base as reference.
+    base_ref = RD._train_argv(
+        RD.parse_args([*argv, "--reference", "base"]), str(unet0), tmp_path, tmp_path
+    )
+    assert base_ref[-4:] == ["--unet_init", str(unet0), "--ref_unet_init", "base"]
+    assert "--ref_unet_init" not in RD._train_argv(
+        RD.parse_args(argv), str(unet0), tmp_path, tmp_path
+    )
 
 
 def test_missing_scorer_weights_fail_before_generation(setup, tmp_path, monkeypatch):

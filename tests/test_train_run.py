@@ -292,3 +292,27 @@ def test_sdxl_conditioning(env):
         77,
         32,
     )
+
+
+def test_reference_can_stay_the_base_while_the_policy_starts_elsewhere(env, tmp_path):
+    """--unet_init X: the reference is a frozen copy of X; with --ref_unet_init base it is the
+    base model's own UNet (iterative rounds that keep the original reference), or any
+    unet.pth given; the first logged ref_mse differs accordingly while the policy's is the same."""
+    start = env["start"]["sd15"]
+    shifted = {k: v + 0.01 for k, v in start.items()}
+    torch.save(shifted, tmp_path / "x.pth")
+    runs = {}
+    for name, ref in (("copy", ()), ("base", ("--ref_unet_init", "base"))):
+        out = tmp_path / name
+        extra = ("--unet_init", str(tmp_path / "x.pth"), "--max_train_steps", "1", *ref)
+        result = _run(env, "sd15", out, *extra)
+        runs[name] = (result["ref_unet"].state_dict(), _log(out)[0])
+    assert max_abs_diff(runs["copy"][0], shifted) == 0.0
+    assert max_abs_diff(runs["base"][0], start) == 0.0
+    assert runs["copy"][1]["model_mse"] == runs["base"][1]["model_mse"]
+    assert runs["copy"][1]["ref_mse"] != runs["base"][1]["ref_mse"]
+    with pytest.raises(SystemExit):  # LoRA's reference is its own base: refused up front
+        train.parse_args(
+            train_args(env["models"]["sd15"], env["data"], tmp_path / "l", "--lora_rank", "4",
+                       "--ref_unet_init", "base")
+        )  # fmt: skip
