@@ -158,7 +158,7 @@ class TrainConfig(DataFlags, ModelFlags):
     lora_rank: int | None = _f(
         None,
         "Train LoRA adapters of this rank instead of the full denoiser (0: off). Default: the "
-        "model family's (0 for SD1.5 / SDXL; 16 for SD3 / FLUX).",
+        "model family's (0 for SD1.5 / SDXL; 32 for SD3 / FLUX).",
     )
     lora_alpha: float | None = _f(None, "LoRA alpha (scale alpha / rank); default: the rank.")
     lora_target_modules: str = _f(

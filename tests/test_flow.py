@@ -492,3 +492,48 @@ def test_eval_script_with_lora_weights_and_tiny_scorers(env, tmp_path):
     for a, b in zip(_images(manifest), _images(merged)):
         assert np.abs(a - b).max() <= 1
     assert any(np.abs(a - c).max() > 1 for a, c in zip(_images(manifest), _images(base)))
+
+
+# --- recipes ------------------------------------------------------------------------------------
+
+FLOW_RECIPES = {  # method, β, α; all: μ 0.6, LoRA r 32 / alpha 64, effective lr 3e-4 on 64 pairs
+    "sd35_diffusion_dpo": ("diffusion-dpo", 100.0, 0.0),
+    "sd35_dspo": ("dspo", 0.001, 0.0),
+    "sd35_dmpo": ("dmpo", 100.0, 0.01),
+    "flux_diffusion_dpo": ("diffusion-dpo", 100.0, 0.0),
+    "flux_dspo": ("dspo", 0.001, 0.0),
+    "flux_dmpo": ("dmpo", 100.0, 0.01),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLOW_RECIPES))
+def test_flow_recipes(env, tmp_path, name):
+    """Each script's command (DRY_RUN=1) parses into its recipe; its LoRA targets exist in the
+    family's transformer (image and text streams of the joint attention)."""
+    import shlex
+
+    from sdpo.lora import add_lora
+
+    method, beta, alpha = FLOW_RECIPES[name]
+    model = env["models"]["sd35" if name.startswith("sd35") else "flux"]
+    run_env = dict(os.environ, DRY_RUN="1", NUM_GPUS="8", PYTHON=sys.executable)
+    run_env.update(MODEL_NAME=str(model), DATASET_NAME=str(env["data"]), OUTPUT_DIR="o")
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "train" / f"{name}.sh"), "--max_train_steps", "7"],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    argv = shlex.split(proc.stdout)
+    cfg = train.parse_args(argv[argv.index(str(REPO / "train.py")) + 1 :])
+    assert (cfg.train_method, cfg.beta_dpo, cfg.dmpo_alpha) == (method, beta, alpha)
+    assert cfg.use_winner_preserving and cfg.winner_preserving_mu == 0.6
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.resolution) == (32, 64.0, 1024)
+    scaled = cfg.learning_rate * cfg.train_batch_size * cfg.gradient_accumulation_steps * 8
+    assert cfg.scale_lr and scaled == pytest.approx(3e-4)
+    assert (cfg.logit_mean, cfg.logit_std, cfg.max_train_steps) == (0.0, 1.0, 7)
+    denoiser = _parts(model).unet
+    add_lora(denoiser, 2, target_modules=cfg.lora_target_modules)
+    names = [n for n, _ in denoiser.named_modules() if n.endswith(".lora_A")]
+    assert any(".add_q_proj." in n for n in names) and any(".to_q." in n for n in names)

@@ -124,9 +124,9 @@ class FlowFamily(ModelFamily):
     denoiser_subfolder = "transformer"
     eval_scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
     lora_layers_prefix = "transformer"
-    # Rank 16: between diffusers' DreamBooth LoRA default (4) and the ranks the flow preference
-    # repositories use (32-64); --lora_rank 0 trains the full transformer.
-    default_lora_rank = 16
+    # Rank 32, as Flow-GRPO's SD3.5 DPO baseline (Liu et al. 2025, arXiv 2505.05470; r 32,
+    # alpha 64); --lora_rank 0 trains the full transformer.
+    default_lora_rank = 32
     # Longest T5 prompt (tokens) the family encodes; the pipelines' defaults.
     max_sequence_length: ClassVar[int] = 256
 
