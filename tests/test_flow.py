@@ -537,3 +537,22 @@ def test_flow_recipes(env, tmp_path, name):
     add_lora(denoiser, 2, target_modules=cfg.lora_target_modules)
     names = [n for n, _ in denoiser.named_modules() if n.endswith(".lora_A")]
     assert any(".add_q_proj." in n for n in names) and any(".to_q." in n for n in names)
+
+
+def test_real_size_flow_configs_build_on_the_meta_device():
+    """The bench's real-size SD3.5-M / FLUX.1-dev transformers: published configs, known sizes."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from sdpo.testing import configs
+
+    with torch.device("meta"):  # no memory, no initialisation
+        sd35 = SD3Transformer2DModel(**configs.SD35M_TRANSFORMER)
+        flux = FluxTransformer2DModel(**configs.FLUX_DEV_TRANSFORMER)
+    counts = {
+        "sd35m_transformer": sum(p.numel() for p in sd35.parameters()),
+        "flux_dev_transformer": sum(p.numel() for p in flux.parameters()),
+    }
+    assert counts == configs.FLOW_EXPECTED_PARAMS
+    # Real SD3 conditioning fits without cropping: CLIP-L 768 + CLIP-G 1280 ≤ T5's 4096.
+    assert 768 + 1280 <= configs.SD35M_TRANSFORMER["joint_attention_dim"]
+    assert configs.SD35M_TRANSFORMER["pos_embed_max_size"] >= 1024 // 8 // 2
