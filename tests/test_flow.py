@@ -556,3 +556,25 @@ def test_real_size_flow_configs_build_on_the_meta_device():
     # Real SD3 conditioning fits without cropping: CLIP-L 768 + CLIP-G 1280 ≤ T5's 4096.
     assert 768 + 1280 <= configs.SD35M_TRANSFORMER["joint_attention_dim"]
     assert configs.SD35M_TRANSFORMER["pos_embed_max_size"] >= 1024 // 8 // 2
+
+
+def test_toy_flow_model_has_a_deterministic_unit_scale_latent_space(tmp_path):
+    """`python -m experiments.toy --flow`'s model: an SD3-style folder whose VAE posterior is
+    deterministic and whose scaled latents have zero mean and unit std on the toy images; a
+    resumed --outdir holding the other kind of model is refused."""
+    from experiments.toy.model import build_toy_flow_model
+    from experiments.toy.runs import _check_model_kind
+    from experiments.toy.task import make_pairs, winner_loser_arrays
+
+    winners, _, _ = winner_loser_arrays(make_pairs(16, size=16, seed=0, loser_kinds=("noisy",)))
+    path = build_toy_flow_model(tmp_path / "model", winners, image_size=16)
+    parts = _parts(path)
+    assert parts.family.name == "sd3"
+    with torch.no_grad():
+        post = parts.vae.encode(torch.from_numpy(winners[:64]).float()).latent_dist
+        z = parts.family.scale_latents(parts.vae, post.mean)
+    assert float(post.std.max()) < 1e-6
+    assert abs(float(z.mean())) < 1e-4 and float(z.std()) == pytest.approx(1.0, rel=1e-4)
+    _check_model_kind(path, flow=True)
+    with pytest.raises(ValueError, match="drop --flow"):
+        _check_model_kind(path, flow=False)

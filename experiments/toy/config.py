@@ -79,6 +79,13 @@ class ToyConfig:
         default=False,
         metadata={"help": "Seconds-long smoke version (tests): 1 seed, few steps, less data."},
     )
+    flow: bool = field(
+        default=False,
+        metadata={
+            "help": "A tiny SD3-style flow-matching transformer (velocity target, logit-normal "
+            "σ) instead of the SD1.5-style UNet (use its own --outdir)."
+        },
+    )
 
     def __post_init__(self):
         if self.quick:

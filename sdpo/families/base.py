@@ -143,6 +143,10 @@ class Objective:
         """``(denoiser input, training target)`` of clean ``latents``."""
         raise NotImplementedError
 
+    def draw_timesteps(self, generator, n: int, device) -> torch.Tensor:
+        """``n`` training timesteps from one generator (fixed evaluation draws, the toy)."""
+        raise NotImplementedError
+
 
 class EpsilonObjective(Objective):
     """DDPM ε-prediction (SD1.5, SDXL): x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, target ε, t uniform on
@@ -168,6 +172,12 @@ class EpsilonObjective(Objective):
 
     def noisy_and_target(self, latents, noise, timesteps):
         return self.scheduler.add_noise(latents, noise, timesteps), noise
+
+    def draw_timesteps(self, generator, n, device):
+        import torch
+
+        steps = self.scheduler.config.num_train_timesteps
+        return torch.randint(0, steps, (n,), generator=generator, device=device)
 
 
 class VPredictionObjective(EpsilonObjective):

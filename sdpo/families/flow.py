@@ -72,30 +72,29 @@ class FlowMatchObjective(Objective):
 
     def draw(self, generators, latent_shape, device):
         import torch
-        from diffusers.training_utils import compute_density_for_timestep_sampling
         from diffusers.utils.torch_utils import randn_tensor
 
-        d = self.density
         noise = randn_tensor(
             (len(generators), *latent_shape[1:]), generator=generators, device=device
         )
-        u = torch.cat(
-            [
-                compute_density_for_timestep_sampling(
-                    weighting_scheme=d.weighting_scheme,
-                    batch_size=1,
-                    logit_mean=d.logit_mean,
-                    logit_std=d.logit_std,
-                    mode_scale=d.mode_scale,
-                    device=device,
-                    generator=g,
-                )
-                for g in generators
-            ]
+        return noise, torch.cat([self.draw_timesteps(g, 1, device) for g in generators])
+
+    def draw_timesteps(self, generator, n, device):
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        d = self.density
+        u = compute_density_for_timestep_sampling(
+            weighting_scheme=d.weighting_scheme,
+            batch_size=n,
+            logit_mean=d.logit_mean,
+            logit_std=d.logit_std,
+            mode_scale=d.mode_scale,
+            device=device,
+            generator=generator,
         )
         # As the training scripts index (u·T).long(); clamped for the float32 sigmoid's 1.0.
         index = (u.cpu() * self.num_train_timesteps).long().clamp(0, len(self.timesteps) - 1)
-        return noise, self.timesteps[index].to(device)
+        return self.timesteps[index].to(device)
 
     def sigma(self, timesteps):
         """σ of scheduler timesteps (the scheduler sets t = σ·T)."""
