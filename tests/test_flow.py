@@ -87,6 +87,18 @@ def test_families_are_detected_from_the_configs(env):
     with pytest.raises(ValueError, match="--sdxl was given"):
         check_family(ModelSource(str(env["models"]["sd3"])), flags={"sdxl": True})
     assert get_family("sd15").default_lora_rank == 0  # the reference: full fine-tuning
+    # A transformer folder with a DDPM scheduler is refused from the configs.
+    bad = env["root"] / "sd3_ddpm"
+    if not bad.exists():
+        import shutil
+
+        shutil.copytree(env["models"]["sd3"], bad)
+        sched = bad / "scheduler" / "scheduler_config.json"
+        sched.write_text(
+            json.dumps({**json.loads(sched.read_text()), "_class_name": "DDPMScheduler"})
+        )
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler"):
+        check_family(ModelSource(str(bad)))
 
 
 def test_flow_objective_matches_hand_computation():
@@ -155,6 +167,26 @@ def test_v_prediction_objective_and_refused_prediction_types():
     assert torch.allclose(noisy, ab.sqrt() * x0 + (1 - ab).sqrt() * eps, atol=1e-6)
     with pytest.raises(ValueError, match="prediction_type is 'sample'"):
         get_family("sd15").objective(DDPMScheduler(prediction_type="sample"), "x")
+
+
+def test_v_prediction_model_trains_through_train_py(env, tmp_path):
+    """An SD 2.x-style v-prediction folder trains through train.py (full fine-tuning, its
+    family's default), the first DPO loss at policy = reference."""
+    from sdpo.testing.tiny import build_tiny_sd15
+
+    model = build_tiny_sd15(tmp_path / "v")
+    sched = model / "scheduler" / "scheduler_config.json"
+    sched.write_text(
+        json.dumps({**json.loads(sched.read_text()), "prediction_type": "v_prediction"})
+    )
+    out = tmp_path / "out"
+    result = train.main(train.parse_args(train_args(model, env["data"], out, "--beta_dpo", "500")))
+    assert result["global_step"] == 2 and not (out / LORA_WEIGHT_NAME).exists()
+    rows = _log(out)
+    # The frozen copy's forward (no_grad) may round differently from the policy's: ~1e-7 gaps.
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert rows[0]["model_mse"] == pytest.approx(rows[0]["ref_mse"], rel=1e-5)
+    assert all(math.isfinite(r["loss"]) for r in rows)
 
 
 def test_flux_packing_ids_and_call_match_diffusers(env):

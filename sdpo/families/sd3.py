@@ -33,15 +33,20 @@ class SD3(FlowFamily):
             and configs.denoiser.get("_class_name") == "SD3Transformer2DModel"
         )
 
+    def check_configs(self, configs: ModelConfigs, name: str) -> None:
+        super().check_configs(configs, name)
+        if not has_component(configs.index, "text_encoder_3"):
+            # Pipelines saved without T5 zero its states; training on them would not match the
+            # model the user evaluates with T5, so refuse rather than guess.
+            raise ValueError(
+                f"{name!r}: this SD3 pipeline has no T5 encoder (text_encoder_3); training needs it"
+            )
+
     def load_text_encoders(self, source: ModelSource):
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
         kw = dict(revision=source.revision, cache_dir=source.cache_dir)
         name = source.name_or_path
-        if not has_component(source_index(source), "text_encoder_3"):
-            raise ValueError(
-                f"{name!r}: this SD3 pipeline has no T5 encoder (text_encoder_3); training needs it"
-            )
         tokenizers = [
             AutoTokenizer.from_pretrained(name, subfolder=sub, **kw)
             for sub in ("tokenizer", "tokenizer_2", "tokenizer_3")
@@ -82,12 +87,6 @@ class SD3(FlowFamily):
         return super().dummy_cond(
             denoiser_config, batch, device, dtype, tokens or 77 + self.max_sequence_length
         )
-
-
-def source_index(source: ModelSource) -> dict:
-    from sdpo.families.base import read_configs
-
-    return read_configs(source).index
 
 
 FAMILY = SD3()
