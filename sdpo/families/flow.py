@@ -113,7 +113,16 @@ def unwrapped_config(denoiser) -> dict:
         config = getattr(seen, "config", None)
         if config is not None:
             return config
-        seen = getattr(seen, "module", None) or getattr(seen, "_orig_mod", None) or seen.unet
+        seen = next(
+            (
+                inner
+                for name in ("module", "_orig_mod", "unet")
+                if (inner := getattr(seen, name, None))
+            ),
+            None,
+        )
+        if seen is None:
+            break
     raise TypeError(f"cannot find the config of {type(denoiser).__name__}")
 
 
