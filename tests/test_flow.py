@@ -610,3 +610,23 @@ def test_toy_flow_model_has_a_deterministic_unit_scale_latent_space(tmp_path):
     _check_model_kind(path, flow=True)
     with pytest.raises(ValueError, match="drop --flow"):
         _check_model_kind(path, flow=False)
+
+
+def test_sd3_eval_script_dispatch(env, tmp_path):
+    """test_sd3.sh runs test_sd15.sh with SD3.5's defaults (40 steps, --cfg 3.5, 1024 px), no
+    --sdxl / --no-sdxl (the family is detected), outputs beside the LoRA file in eval_sd3/."""
+    weights = tmp_path / "run" / LORA_WEIGHT_NAME
+    weights.parent.mkdir()
+    weights.write_bytes(b"")  # only its location matters with --print_manifest_path
+    script_env = dict(os.environ, PYTHON=sys.executable, MODEL_NAME=str(env["models"]["sd3"]))
+    script_env.update(SETS="smoke", NUM_PROCESSES="1", METRICS="none")
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts/eval/test_sd3.sh"), str(weights), "--print_manifest_path"],
+        env=script_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert str(weights.parent / "eval_sd3" / "smoke_seed0_1024x1024_40s_3.5cfg.json") in proc.stdout
+    assert "sdxl" not in proc.stdout.split("eval.generate", 1)[1]
