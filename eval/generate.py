@@ -442,6 +442,16 @@ def load_pipeline(plan: Plan, dtype_name: str, device):
     return pipe
 
 
+def family_of_pipeline(pipe):
+    """The registered family whose diffusers pipeline class ``pipe`` is (callers without a plan:
+    the bench)."""
+    name = type(pipe).__name__
+    for family in FAMILIES.values():
+        if family.pipeline_class_name == name:
+            return family
+    raise GenerationError(f"no model family generates with {name}")
+
+
 def shared_noise(pipe, height: int, width: int, seed: int, device, family=None):
     """The reference's one initial noise ``randn(1, C, H/f, W/f)``, shape [1, C, H/f, W/f], in
     the layout the family's pipeline takes (FLUX: packed, ``[1, h/2·w/2, 4C]``).
@@ -451,9 +461,7 @@ def shared_noise(pipe, height: int, width: int, seed: int, device, family=None):
     """
     import torch
 
-    from sdpo.families import get_family
-
-    family = family or get_family("sd15")
+    family = family or family_of_pipeline(pipe)
     denoiser = getattr(pipe, family.denoiser_subfolder)
     gen_device = torch.device(device) if torch.device(device).type == "cuda" else "cpu"
     gen = torch.Generator(device=gen_device).manual_seed(seed)
@@ -481,7 +489,8 @@ def generate_batch(pipe, prompts: list[str], noise, plan: Plan, cfg: GenerateCon
     )
     vae = pipe.vae
     images = []
-    latents = plan.family.output_latents(out.images, plan.height, plan.width, pipe.vae_scale_factor)
+    family = getattr(plan, "family", None) or family_of_pipeline(pipe)
+    latents = family.output_latents(out.images, plan.height, plan.width, pipe.vae_scale_factor)
     with torch.no_grad():
         for lat in latents:  # one at a time: fp32 decodes of 1024^2 are memory-hungry
             x = lat[None].to(device=vae.device, dtype=torch.float32) / vae.config.scaling_factor
