@@ -314,6 +314,13 @@ def test_lora_reference_is_the_base_and_the_lora_file_loads_in_the_pipeline(env,
         assert torch.allclose(family.predict(plain, x, t, cond), pol, atol=1e-5)
 
 
+def test_flux_resolution_must_tile_the_packing(env):
+    """Real FLUX needs multiples of 16 (train.py only checks 8); the tiny VAE halves once: 4."""
+    source = ModelSource(str(env["models"]["flux"]))
+    with pytest.raises(ValueError, match="--resolution 34: FLUX needs a multiple of 4"):
+        get_family("flux").load_parts(source, resolution=34)
+
+
 def test_full_fine_tuning_with_lora_rank_zero(env, tmp_path):
     result = _run(env, "sd3", tmp_path, "--lora_rank", "0", "--max_train_steps", "1")
     assert not (tmp_path / LORA_WEIGHT_NAME).exists()

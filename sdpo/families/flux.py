@@ -77,6 +77,17 @@ class FLUX(FlowFamily):
         ]
         return tokenizers, encoders
 
+    def load_parts(self, source: ModelSource, *, resolution: int, **kwargs):
+        parts = super().load_parts(source, resolution=resolution, **kwargs)
+        # Packing tiles the latent with 2×2 patches: its side must be even.
+        side = 2 * 2 ** (len(parts.vae.config.block_out_channels) - 1)
+        if resolution % side:
+            raise ValueError(
+                f"--resolution {resolution}: FLUX needs a multiple of {side} (the VAE's "
+                "downsampling × the 2×2 latent packing)"
+            )
+        return parts
+
     def encode_prompts(self, parts, captions, device) -> dict:
         import torch
 
