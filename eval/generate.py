@@ -90,16 +90,22 @@ class GenerateConfig:
     )
     unet_path: str | None = arg(
         None,
-        "unet.pth (state_dict, loaded strictly into the base model's denoiser) or a diffusers "
-        "UNet folder; default: the base model's",
+        "unet.pth (state_dict, loaded strictly into the base model's denoiser), a diffusers "
+        "UNet / transformer folder, or LoRA weights (a diffusers LoRA .safetensors, or a folder "
+        "holding pytorch_lora_weights.safetensors) loaded with the pipeline's load_lora_weights;"
+        " default: the base model's",
     )
     seed: int = arg(0, "seed of the one shared initial noise")
     size: int | None = arg(None, "image side (default: the family's, 512 / SDXL 1024)")
     height: int | None = arg(None, "image height (default --size)")
     width: int | None = arg(None, "image width (default --size)")
-    steps: int = arg(50, "Euler steps")
-    cfg: float = arg(
-        7.5, "guidance as cond + cfg*(cond - uncond), i.e. diffusers guidance_scale = cfg + 1"
+    steps: int | None = arg(
+        None, "Euler steps (default: the family's; 50, SD3.5 40, FLUX 28; see sdpo.families)"
+    )
+    cfg: float | None = arg(
+        None,
+        "guidance as cond + cfg*(cond - uncond), i.e. diffusers guidance_scale = cfg + 1 "
+        "(FLUX: its embedded guidance); default: the family's (7.5, SD3.5 3.5, FLUX 2.5)",
     )
     batch_size: int = arg(1, "prompts per pipeline call")
     limit: int | None = arg(
@@ -154,13 +160,27 @@ def resolve_family(cfg: GenerateConfig):
     return base, family
 
 
+def _is_lora_file(path: Path) -> bool:
+    """Whether a .safetensors file holds LoRA adapters (diffusers / peft key names), read from its
+    JSON header alone (no torch import)."""
+    if path.suffix != ".safetensors":
+        return False
+    try:
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            keys = json.loads(fh.read(size)) if 0 < size < 1 << 27 else {}
+    except (OSError, ValueError):
+        return False
+    return any(".lora" in k for k in keys if k != "__metadata__")
+
+
 def resolve_unet_path(unet_path: str | None) -> tuple[str, str | None]:
-    """('base'|'state_dict'|'folder', path): what --unet_path points at."""
+    """('base'|'state_dict'|'folder'|'lora', path): what --unet_path points at."""
     if not unet_path:
         return "base", None
     p = Path(unet_path)
     if p.is_file():
-        return "state_dict", str(p)
+        return ("lora" if _is_lora_file(p) else "state_dict"), str(p)
     if p.is_dir():
         if (p / "config.json").is_file():
             return "folder", str(p)
@@ -169,9 +189,11 @@ def resolve_unet_path(unet_path: str | None) -> tuple[str, str | None]:
         for name in ("unet.pth", "unet.safetensors"):
             if (p / name).is_file():
                 return "state_dict", str(p / name)
+        if (p / LORA_WEIGHT_NAME).is_file():
+            return "lora", str(p / LORA_WEIGHT_NAME)
         raise GenerationError(
-            f"--unet_path {p} is a folder with neither a UNet config.json, unet/config.json "
-            "nor unet.pth"
+            f"--unet_path {p} is a folder with neither a UNet config.json, unet/config.json, "
+            f"unet.pth nor {LORA_WEIGHT_NAME}"
         )
     raise GenerationError(f"--unet_path not found: {p}")
 
@@ -233,7 +255,7 @@ def make_plan(cfg: GenerateConfig, *, hash_weights: bool = True) -> Plan:
 
     ``hash_weights=False`` skips reading the weights (only the names are wanted)."""
     for name in ("steps", "batch_size"):
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise GenerationError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.limit is not None and cfg.limit < 1:
         raise GenerationError(f"--limit must be >= 1, got {cfg.limit}")
@@ -247,6 +269,11 @@ def make_plan(cfg: GenerateConfig, *, hash_weights: bool = True) -> Plan:
     if cfg.limit is not None:
         entries = entries[: cfg.limit]
     base, family = resolve_family(cfg)
+    # Per-family sampling defaults (recorded in the manifest's provenance and file name).
+    if cfg.steps is None:
+        cfg.steps = family.eval_steps
+    if cfg.cfg is None:
+        cfg.cfg = family.eval_cfg
     sdxl = family.name == "sdxl"
     unet_kind, unet_file = resolve_unet_path(cfg.unet_path)
     size = cfg.size or family.default_resolution
@@ -433,6 +460,9 @@ def _from_pretrained(cls, name: str, what: str, **kw):
         ) from e
 
 
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' (and sdpo.lora's) file name
+
+
 def load_pipeline(plan: Plan, dtype_name: str, device):
     """The family's diffusers pipeline of ``plan`` with the reference components, on ``device``."""
     import diffusers
@@ -466,24 +496,43 @@ def load_pipeline(plan: Plan, dtype_name: str, device):
         family.pipeline_class(), plan.base, "base pipeline", **{sub: unet}, vae=vae,
         scheduler=scheduler, **_dtype_kwarg(dtype), **family.pipeline_kwargs(),
     )  # fmt: skip
+    if plan.unet_kind == "lora":
+        lora = Path(plan.unet_file)
+        try:
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        except (OSError, ValueError, KeyError) as e:
+            raise GenerationError(f"could not load the LoRA weights {lora}: {e}") from None
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def shared_noise(pipe, height: int, width: int, seed: int, device):
-    """The reference's one initial noise ``randn(1, C, H/f, W/f)``, shape [1, C, H/f, W/f].
+def family_of_pipeline(pipe):
+    """The registered family whose diffusers pipeline class ``pipe`` is (callers without a plan:
+    the bench)."""
+    name = type(pipe).__name__
+    for family in FAMILIES.values():
+        if family.pipeline_class_name == name:
+            return family
+    raise GenerationError(f"no model family generates with {name}")
+
+
+def shared_noise(pipe, height: int, width: int, seed: int, device, family=None):
+    """The reference's one initial noise ``randn(1, C, H/f, W/f)``, shape [1, C, H/f, W/f], in
+    the layout the family's pipeline takes (FLUX: packed, ``[1, h/2·w/2, 4C]``).
 
     Drawn on the GPU when running on CUDA (the reference's generator device) and on the CPU
-    otherwise, directly in the UNet's dtype as the reference does.
+    otherwise, directly in the denoiser's dtype as the reference does.
     """
     import torch
 
+    family = family or family_of_pipeline(pipe)
+    denoiser = getattr(pipe, family.denoiser_subfolder)
     gen_device = torch.device(device) if torch.device(device).type == "cuda" else "cpu"
-    f = pipe.vae_scale_factor
-    shape = (1, pipe.unet.config.in_channels, height // f, width // f)
     gen = torch.Generator(device=gen_device).manual_seed(seed)
-    return torch.randn(shape, generator=gen, device=gen_device, dtype=pipe.unet.dtype)
+    return family.initial_noise(
+        denoiser.config, pipe.vae_scale_factor, height, width, gen, gen_device, denoiser.dtype
+    )
 
 
 def generate_batch(pipe, prompts: list[str], noise, plan: Plan, cfg: GenerateConfig):
@@ -492,7 +541,7 @@ def generate_batch(pipe, prompts: list[str], noise, plan: Plan, cfg: GenerateCon
     import torch
     from PIL import Image
 
-    latents = noise.to(pipe.device).expand(len(prompts), -1, -1, -1).clone()
+    latents = noise.to(pipe.device).expand(len(prompts), *noise.shape[1:]).clone()
     out = pipe(
         prompt=prompts,
         negative_prompt=[""] * len(prompts),  # the reference encodes "" (no zeroed SDXL uncond)
@@ -505,8 +554,10 @@ def generate_batch(pipe, prompts: list[str], noise, plan: Plan, cfg: GenerateCon
     )
     vae = pipe.vae
     images = []
+    family = getattr(plan, "family", None) or family_of_pipeline(pipe)
+    latents = family.output_latents(out.images, plan.height, plan.width, pipe.vae_scale_factor)
     with torch.no_grad():
-        for lat in out.images:  # one at a time: fp32 decodes of 1024^2 are memory-hungry
+        for lat in latents:  # one at a time: fp32 decodes of 1024^2 are memory-hungry
             x = lat[None].to(device=vae.device, dtype=torch.float32) / vae.config.scaling_factor
             if getattr(vae.config, "shift_factor", None) is not None:
                 x = x + vae.config.shift_factor
@@ -555,7 +606,7 @@ def _run_planned(plan: Plan, cfg: GenerateConfig, state) -> Path:
     if mine:
         device = cfg.device or state.device
         pipe = load_pipeline(plan, cfg.dtype, device)
-        noise = shared_noise(pipe, plan.height, plan.width, cfg.seed, device)
+        noise = shared_noise(pipe, plan.height, plan.width, cfg.seed, device, plan.family)
         bar = tqdm(total=len(mine), desc="generate", disable=not state.is_main_process)
         for start in range(0, len(mine), cfg.batch_size):
             idx = mine[start : start + cfg.batch_size]

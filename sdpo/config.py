@@ -264,12 +264,25 @@ class TrainConfig(DataFlags, ModelFlags):
     winner_preserving_sync: bool = _f(
         False, "Compute λ from residuals summed over all processes (extension, off = reference)."
     )
+    # --- flow-matching timesteps (SD3 / FLUX; sdpo.families.flow; defaults: diffusers' scripts) ---
+    weighting_scheme: str = _f(
+        "logit_normal",
+        "Density of the flow-matching σ (SD3 / FLUX only).",
+        choices=["logit_normal", "mode", "uniform"],
+    )
+    logit_mean: float = _f(0.0, "Mean of the logit-normal σ density (SD3 / FLUX only).")
+    logit_std: float = _f(1.0, "Std of the logit-normal σ density (SD3 / FLUX only).")
+    mode_scale: float = _f(1.29, "Scale of the 'mode' σ density (SD3 / FLUX only).")
     # --- optional speed-ups (sdpo.perf; all off = the reference's computation) ---
     precomputed_dir: str | None = _f(
         None,
         "Train from a cache of VAE posteriors and text embeddings made by python -m sdpo.cache.",
     )
-    lora_rank: int = _f(0, "Train LoRA adapters of this rank instead of the full UNet (0: off).")
+    lora_rank: int | None = _f(
+        None,
+        "Train LoRA adapters of this rank instead of the full denoiser (0: off). Default: the "
+        "model family's (0 for SD1.5 / SDXL; 32 for SD3 / FLUX).",
+    )
     lora_alpha: float | None = _f(None, "LoRA alpha (scale alpha / rank); default: the rank.")
     lora_target_modules: str = _f(
         "to_q,to_k,to_v,to_out.0", "Comma-separated UNet module names that get LoRA adapters."
@@ -426,10 +439,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             bad("precomputed_dir", f"folder {cfg.precomputed_dir!r} does not exist")
         if cfg.random_crop:
             bad("precomputed_dir", "cannot be combined with --random_crop (crops are not cached)")
-    if cfg.lora_rank < 0:
+    if cfg.lora_rank is not None and cfg.lora_rank < 0:
         bad("lora_rank", f"must be >= 0, got {cfg.lora_rank}")
     if cfg.lora_alpha is not None and not cfg.lora_alpha > 0:
         bad("lora_alpha", f"must be > 0, got {cfg.lora_alpha}")
+    if not cfg.logit_std > 0:
+        bad("logit_std", f"must be > 0, got {cfg.logit_std}")
     if not [m for m in cfg.lora_target_modules.split(",") if m.strip()]:
         bad("lora_target_modules", "give at least one module name")
     if cfg.use_fused_adam and (cfg.optimizer_name != "adamw" or not _cuda_available()):

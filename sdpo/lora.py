@@ -166,10 +166,15 @@ def save_lora_weights(unet: torch.nn.Module, output_dir: str | os.PathLike, fami
     def write(tmp: Path) -> None:
         # diffusers writes a fixed file name into a folder: write it beside, then move it.
         with tempfile.TemporaryDirectory(dir=tmp.parent) as folder:
+            # The keyword names the denoiser: unet_lora_layers, or transformer_lora_layers for
+            # the SD3 / FLUX pipelines (the family's lora_layers_prefix).
+            prefix = family.lora_layers_prefix
             family.pipeline_class().save_lora_weights(
                 folder,
-                unet_lora_layers=lora_state_dict(model),
-                unet_lora_adapter_metadata=config,
+                **{
+                    f"{prefix}_lora_layers": lora_state_dict(model),
+                    f"{prefix}_lora_adapter_metadata": config,
+                },
                 safe_serialization=True,
             )
             os.replace(Path(folder) / LORA_WEIGHT_NAME, tmp)

@@ -193,6 +193,7 @@ def _train(cfg: TrainConfig) -> dict:
     from sdpo import step as step_module
     from sdpo.data import Augment, DataSource, build_dataloader
     from sdpo.families import ModelSource, check_family
+    from sdpo.families.flow import TimestepDensity
     from sdpo.guard import NonFiniteGuard, PathologyAlarm, weights_finite
     from sdpo.losses import LOSSES
     from sdpo.perf import ModelSetup, setup_models
@@ -269,7 +270,11 @@ def _train(cfg: TrainConfig) -> dict:
         )
     if cfg.use_winner_preserving and not spec.paired:
         logger.warning("--use_winner_preserving has no effect on unpaired %s", cfg.train_method)
-    parts = family.load_parts(source, resolution=cfg.resolution)
+    if cfg.lora_rank is None:  # LoRA by default for the flow transformers (family setting)
+        cfg.lora_rank = family.default_lora_rank
+    parts = family.load_parts(
+        source, resolution=cfg.resolution, density=TimestepDensity.from_flags(cfg)
+    )
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )

@@ -173,15 +173,17 @@ def test_family_mismatch_is_caught_before_weights_load(
     assert not (tmp_path / "o").exists()
 
 
-def test_non_epsilon_scheduler_is_rejected(models, data_dir, tmp_path):
+def test_untrainable_prediction_type_is_rejected(models, data_dir, tmp_path):
+    """ε and v (SD 2.x) train; a 'sample'-prediction scheduler is refused from the configs."""
     from sdpo.families import ModelSource, check_family
 
-    model = tmp_path / "vpred"
+    model = tmp_path / "xpred"
     shutil.copytree(models["sd15"], model)
     sched = model / "scheduler" / "scheduler_config.json"
-    sched.write_text(
-        json.dumps({**json.loads(sched.read_text()), "prediction_type": "v_prediction"})
-    )
+    config = json.loads(sched.read_text())
+    sched.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    assert check_family(ModelSource(str(model))).name == "sd15"
+    sched.write_text(json.dumps({**config, "prediction_type": "sample"}))
     with pytest.raises(ValueError, match="epsilon"):
         check_family(ModelSource(str(model)))
 

@@ -49,7 +49,8 @@ def main(cfg: ToyConfig) -> dict:
         "settings": {
             k: getattr(cfg, k) for k in ("seeds", "steps", "lr", "batch_pairs", "eval_every",
                                          "sft_steps", "sft_lr", "train_pairs", "heldout_pairs",
-                                         "eval_draws", "image_size", "loser_kinds", "methods")
+                                         "eval_draws", "image_size", "loser_kinds", "methods",
+                                         "flow")
         } | {"beta": cfg.betas, "mu": cfg.mus, "dmpo_alpha": DMPO_ALPHA},
         "reference": {"winner_err": start_metrics["winner_err"],
                       "loser_err": start_metrics["loser_err"]},

@@ -63,6 +63,11 @@ class ToyConfig:
     workers: int = arg(2, "Parallel training processes (1 thread each).")
     keep_checkpoints: bool = arg(False, "Keep checkpoint-N/ folders after evaluating them.")
     quick: bool = arg(False, "Seconds-long smoke version (tests): 1 seed, few steps, less data.")
+    flow: bool = arg(
+        False,
+        "A tiny SD3-style flow-matching transformer (velocity target, logit-normal σ) instead "
+        "of the SD1.5-style UNet (use its own --outdir).",
+    )
 
     def __post_init__(self):
         if self.quick:

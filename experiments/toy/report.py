@@ -148,6 +148,15 @@ def _fmt(mean: float, std: float, scale: float = 1e3, digits: int = 1) -> str:
     return f"{mean * scale:+.{digits}f} ± {std * scale:.{digits}f}"
 
 
+def _model_kind(cfg) -> str:
+    if getattr(cfg, "flow", False):
+        return (
+            "Tiny SD3-style flow-matching transformer (velocity target ε − x0, logit-normal σ; "
+            "errors are velocity errors)"
+        )
+    return "Tiny SD1.5-style model"
+
+
 def write_summary(
     cfg: ToyConfig, table: list[dict], ref: dict, outdir: Path, seconds: float
 ) -> Path:
@@ -157,7 +166,7 @@ def write_summary(
         "",
         f"Task: {cfg.train_pairs} training and {cfg.heldout_pairs} held-out pairs of "
         f"{cfg.image_size}-px coloured shapes; loser = the winner's picture made worse "
-        f"({', '.join(cfg.loser_kinds)}). Tiny SD1.5-style model, SFT start "
+        f"({', '.join(cfg.loser_kinds)}). {_model_kind(cfg)}, SFT start "
         f"({cfg.sft_steps} steps, lr {cfg.sft_lr:g}), then {cfg.steps} preference steps of "
         f"{cfg.batch_pairs} pairs, lr {cfg.lr:g}, {cfg.seeds} seeds, all through `train.py`. "
         f"Held-out: {cfg.eval_draws} fixed (noise, timestep) draws per pair. Reference (SFT) "

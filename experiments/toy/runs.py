@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from experiments.toy.config import DMPO_ALPHA, ToyConfig
-from experiments.toy.model import build_toy_model
+from experiments.toy.model import build_toy_flow_model, build_toy_model
 from experiments.toy.task import load_pairs, make_pairs, winner_loser_arrays, write_parquet
 from sdpo import io
 
@@ -50,6 +50,7 @@ def train_argv(
         "--mixed_precision", "no",
         "--report_to", "none",
         "--no_hflip",  # winner and loser keep the same layout: the pair differs only in quality
+        "--lora_rank", "0",  # full fine-tuning for every family (the flow families default to LoRA)
     ]  # fmt: skip
     if mu is not None:
         argv += ["--use_winner_preserving", "--winner_preserving_mu", str(mu)]
@@ -105,8 +106,10 @@ def prepare(cfg: ToyConfig) -> dict[str, Path]:
         write_parquet(rows, paths["heldout"] / "pairs.parquet")
     if not (paths["model"] / "model_index.json").exists():
         winners, _, _ = winner_loser_arrays(load_pairs(paths["train"]))
+        build = build_toy_flow_model if cfg.flow else build_toy_model
         with io.atomic_dir(paths["model"]) as tmp:
-            build_toy_model(tmp, winners, image_size=cfg.image_size)
+            build(tmp, winners, image_size=cfg.image_size)
+    _check_model_kind(paths["model"], flow=cfg.flow)
     if not (paths["sft"] / "unet.pth").exists():
         # SFT on the preferred images (train.py's --train_method sft), from the random UNet.
         run_train(
@@ -125,6 +128,18 @@ def prepare(cfg: ToyConfig) -> dict[str, Path]:
     return paths
 
 
+def _check_model_kind(model: Path, *, flow: bool) -> None:
+    """A resumed --outdir must hold the model kind asked for (--flow or not)."""
+    import json
+
+    has_transformer = "transformer" in json.loads((model / "model_index.json").read_text())
+    if has_transformer != flow:
+        raise ValueError(
+            f"{model.parent} holds a {'flow' if has_transformer else 'UNet'} toy model; "
+            f"{'drop' if has_transformer else 'give'} --flow or use another --outdir"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Held-out evaluation at fixed noise and timesteps
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +151,9 @@ def build_heldout(cfg: ToyConfig, paths: dict[str, Path]) -> Path:
 
     Tensors: ``noisy`` ``[D, 2N, 4, h, w]`` (D draws; per draw the N winners then the N losers,
     each pair sharing its noise and timestep as in training), ``timesteps`` ``[D, 2N]``,
-    ``target`` ``[D, 2N, 4, h, w]`` (= ε), ``cond`` ``[2N, 77, 32]``, ``ref_pred`` like target.
+    ``target`` ``[D, 2N, 4, h, w]`` (the family's objective: ε, or the velocity ε − x0 with
+    ``--flow``), ``cond`` (the denoiser's conditioning of the 2N captions), ``ref_pred`` like
+    target.
     """
     import torch
 
@@ -166,37 +183,34 @@ def build_heldout(cfg: ToyConfig, paths: dict[str, Path]) -> Path:
         for img, bucket in ((w, winners), (lo, losers)):
             bucket.append(transform_image(decode_image(img), tcfg.resolution, gen))
         captions.append(r["caption"])
+    objective, family = parts.objective, parts.family
     with torch.no_grad():
         pixels = torch.stack(winners + losers)
-        latents = parts.vae.encode(pixels).latent_dist.mean * parts.vae_scaling_factor
-        cond = parts.encode_prompts(captions + captions, "cpu")["encoder_hidden_states"]
+        latents = family.scale_latents(parts.vae, parts.vae.encode(pixels).latent_dist.mean)
+        cond = parts.encode_prompts(captions + captions, "cpu")
         n, draws = len(rows), cfg.eval_draws
         noise = torch.randn(draws, n, *latents.shape[1:], generator=gen)
-        t = torch.randint(
-            0, parts.noise_scheduler.config.num_train_timesteps, (draws, n), generator=gen
-        )
+        t = torch.stack([objective.draw_timesteps(gen, n, "cpu") for _ in range(draws)])
         noise, t = torch.cat([noise, noise], 1), torch.cat([t, t], 1)
-        noisy = torch.stack(
-            [parts.noise_scheduler.add_noise(latents, noise[d], t[d]) for d in range(draws)]
+        noisy, target = zip(
+            *(objective.noisy_and_target(latents, noise[d], t[d]) for d in range(draws))
         )
-        ref_pred = _predict(ref, noisy, t, cond)
+        noisy, target = torch.stack(noisy), torch.stack(target)
+        ref_pred = _predict(family, ref, noisy, t, cond)
     payload = {
-        "noisy": noisy, "timesteps": t, "target": noise, "cond": cond, "ref_pred": ref_pred,
+        "noisy": noisy, "timesteps": t, "target": target, "cond": cond, "ref_pred": ref_pred,
         "captions": captions, "loser_kind": [r.get("loser_kind", "") for r in rows],
     }  # fmt: skip
     return io.save_torch(payload, out)
 
 
-def _predict(unet, noisy, timesteps, cond):
-    """UNet ε-predictions for every draw: ``[D, 2N, C, h, w]``."""
+def _predict(family, denoiser, noisy, timesteps, cond):
+    """The denoiser's predictions (ε, or velocity) for every draw: ``[D, 2N, C, h, w]``."""
     import torch
 
     with torch.no_grad():
         return torch.stack(
-            [
-                unet(noisy[d], timesteps[d], encoder_hidden_states=cond).sample
-                for d in range(len(noisy))
-            ]
+            [family.predict(denoiser, noisy[d], timesteps[d], cond) for d in range(len(noisy))]
         )
 
 
@@ -233,14 +247,18 @@ def heldout_metrics(model_pred, ref_pred, target, *, mu: float) -> dict[str, flo
     }
 
 
-def evaluate_run(run_dir: Path, heldout: dict, base_unet_dir: Path, *, mu: float) -> dict:
-    """Held-out metrics of ``checkpoint-N/unet.pth`` for every N (and step 0 = the start)."""
+def evaluate_run(
+    run_dir: Path, heldout: dict, base_unet_dir: Path, *, mu: float, model: Path
+) -> dict:
+    """Held-out metrics of ``checkpoint-N/unet.pth`` for every N (and step 0 = the start);
+    ``model``: the toy's model folder (its family says how the denoiser loads and is called)."""
     import torch
-    from diffusers import UNet2DConditionModel
 
     from sdpo.checkpoint import list_checkpoints
+    from sdpo.families import ModelSource, check_family
 
-    unet = UNet2DConditionModel.from_pretrained(base_unet_dir).eval()
+    family = check_family(ModelSource(str(model)))
+    unet = family.denoiser_class().from_pretrained(base_unet_dir).eval()
     curve: dict[str, list] = {"step": []}
 
     def add(step: int, pred) -> None:
@@ -254,7 +272,7 @@ def evaluate_run(run_dir: Path, heldout: dict, base_unet_dir: Path, *, mu: float
         unet.load_state_dict(
             torch.load(ckpt_dir / "unet.pth", map_location="cpu", weights_only=True)
         )
-        add(step, _predict(unet, heldout["noisy"], heldout["timesteps"], heldout["cond"]))
+        add(step, _predict(family, unet, heldout["noisy"], heldout["timesteps"], heldout["cond"]))
     return curve
 
 
@@ -304,7 +322,9 @@ def _one_run(job: dict) -> dict:
         "seed": job["seed"],
         "beta": job["beta"],
         "mu": job["mu"],
-        "heldout": evaluate_run(run_dir, heldout, Path(job["base_unet"]), mu=job["mu"]),
+        "heldout": evaluate_run(
+            run_dir, heldout, Path(job["base_unet"]), mu=job["mu"], model=Path(job["model"])
+        ),
     }
     log = read_train_log(run_dir)
     curves["train"] = {"step": [r["step"] for r in log]}
@@ -353,6 +373,7 @@ def make_jobs(cfg: ToyConfig, paths: dict[str, Path], heldout: Path) -> list[dic
                         "beta": cfg.betas[method], "mu": cfg.mus[method],
                         "argv": argv, "run_dir": str(run_dir), "heldout": str(heldout),
                         "base_unet": str(paths["sft"] / "unet"), "threads": 1,
+                        "model": str(paths["model"]),
                         "keep_checkpoints": cfg.keep_checkpoints,
                     }
                 )  # fmt: skip

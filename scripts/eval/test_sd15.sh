@@ -22,19 +22,37 @@
 #   PROMPTS_DIR [<repo>/prompts] where the prompt sets are looked up and fetched into
 #   OUTDIR [see above]  NUM_PROCESSES [number of GPUs] (>1: accelerate launch)
 #   DEVICE [auto] scorer device  SCORE_BATCH_SIZE [16]  PYTHON [python]
-# test_sdxl.sh runs this script with EVAL_KIND=sdxl (SDXL defaults).
+# test_sdxl.sh, test_sd3.sh and test_flux.sh run this script with EVAL_KIND=sdxl / sd3 / flux
+# (their defaults; the SD3 / FLUX family is detected from MODEL_NAME's configs).
 set -euo pipefail
 
 KIND="${EVAL_KIND:-sd15}"
-if [[ "$KIND" == sdxl ]]; then
-  SIZE="${SIZE:-1024}"
-  MODEL_NAME="${MODEL_NAME:-stabilityai/stable-diffusion-xl-base-1.0}"
-  KIND_FLAG=(--sdxl)
-else
-  SIZE="${SIZE:-512}"
-  MODEL_NAME="${MODEL_NAME:-stable-diffusion-v1-5/stable-diffusion-v1-5}"
-  KIND_FLAG=(--no-sdxl)
-fi
+case "$KIND" in
+  sdxl)
+    SIZE="${SIZE:-1024}"
+    MODEL_NAME="${MODEL_NAME:-stabilityai/stable-diffusion-xl-base-1.0}"
+    KIND_FLAG=(--sdxl)
+    ;;
+  sd3) # SD3.5 Medium's model card: 40 steps, guidance_scale 4.5 (= --cfg 3.5)
+    SIZE="${SIZE:-1024}"
+    MODEL_NAME="${MODEL_NAME:-stabilityai/stable-diffusion-3.5-medium}"
+    STEP="${STEP:-40}"
+    CFG="${CFG:-3.5}"
+    KIND_FLAG=()
+    ;;
+  flux) # FluxPipeline's defaults: 28 steps, embedded guidance 3.5 (= --cfg 2.5)
+    SIZE="${SIZE:-1024}"
+    MODEL_NAME="${MODEL_NAME:-black-forest-labs/FLUX.1-dev}"
+    STEP="${STEP:-28}"
+    CFG="${CFG:-2.5}"
+    KIND_FLAG=()
+    ;;
+  *)
+    SIZE="${SIZE:-512}"
+    MODEL_NAME="${MODEL_NAME:-stable-diffusion-v1-5/stable-diffusion-v1-5}"
+    KIND_FLAG=(--no-sdxl)
+    ;;
+esac
 STEP="${STEP:-50}"
 CFG="${CFG:-7.5}"
 SEEDS="${SEEDS:-${SEED:-0}}"
@@ -47,7 +65,7 @@ DEVICE="${DEVICE:-auto}"
 SCORE_BATCH_SIZE="${SCORE_BATCH_SIZE:-16}"
 PYTHON="${PYTHON:-python}"
 
-usage="usage: bash $0 <unet.pth | UNet folder | base> [extra eval.generate args]"
+usage="usage: bash $0 <unet.pth | UNet folder | LoRA .safetensors / folder | base> [extra eval.generate args]"
 if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
   echo "$usage"
   sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'

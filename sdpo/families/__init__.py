@@ -13,7 +13,7 @@ heavy library.
 
 from __future__ import annotations
 
-from sdpo.families import sd15, sdxl
+from sdpo.families import flux, sd3, sd15, sdxl
 from sdpo.families.base import (
     EpsilonObjective,
     ModelConfigs,
@@ -24,7 +24,9 @@ from sdpo.families.base import (
     read_configs,
 )
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (sd15.FAMILY, sdxl.FAMILY)}
+FAMILIES: dict[str, ModelFamily] = {
+    f.name: f for f in (sd15.FAMILY, sdxl.FAMILY, sd3.FAMILY, flux.FAMILY)
+}
 
 __all__ = [
     "FAMILIES",

@@ -146,6 +146,10 @@ class Objective:
         """``(denoiser input, training target)`` of clean ``latents``."""
         raise NotImplementedError
 
+    def draw_timesteps(self, generator, n: int, device) -> torch.Tensor:
+        """``n`` training timesteps from one generator (fixed evaluation draws, the toy)."""
+        raise NotImplementedError
+
 
 class EpsilonObjective(Objective):
     """DDPM ε-prediction (SD1.5, SDXL): x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, target ε, t uniform on
@@ -172,12 +176,39 @@ class EpsilonObjective(Objective):
     def noisy_and_target(self, latents, noise, timesteps):
         return self.scheduler.add_noise(latents, noise, timesteps), noise
 
+    def draw_timesteps(self, generator, n, device):
+        import torch
+
+        steps = self.scheduler.config.num_train_timesteps
+        return torch.randint(0, steps, (n,), generator=generator, device=device)
+
+
+class VPredictionObjective(EpsilonObjective):
+    """DDPM v-prediction (SD 2.x 768 models): the same noising as ε-prediction, target
+    v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (Salimans & Ho 2022, Sec. 4), as the scheduler computes it. The
+    preference losses only compare prediction and target, so they apply unchanged."""
+
+    name = "v_prediction"
+
+    def noisy_and_target(self, latents, noise, timesteps):
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        return noisy, self.scheduler.get_velocity(latents, noise, timesteps)
+
+
+# The DDPM objective of each scheduler ``prediction_type`` the preference losses can train.
+PREDICTION_OBJECTIVES: dict[str, type[Objective]] = {
+    "epsilon": EpsilonObjective,
+    "v_prediction": VPredictionObjective,
+}
+
 
 def _require_epsilon(prediction: str, name: str) -> None:
-    if prediction != "epsilon":
+    """Refuse a scheduler ``prediction_type`` without a training objective here (kept under its
+    old name: the families call it)."""
+    if prediction not in PREDICTION_OBJECTIVES:
         raise ValueError(
             f"{name!r}: scheduler prediction_type is {prediction!r}; the preference losses "
-            "need an epsilon-prediction model"
+            f"need one of {sorted(PREDICTION_OBJECTIVES)} (epsilon or v-prediction)"
         )
 
 
@@ -261,8 +292,18 @@ class ModelFamily:
     # Evaluation: the scheduler the paper samples with and the VAE used by default (None: base).
     eval_scheduler_class_name: ClassVar[str] = "EulerDiscreteScheduler"
     eval_vae: ClassVar[str | None] = None
+    # Evaluation defaults: sampling steps and ``--cfg`` (= diffusers' guidance_scale − 1; the
+    # paper: 50 steps, cfg 7.5).
+    eval_steps: ClassVar[int] = 50
+    eval_cfg: ClassVar[float] = 7.5
     # Extra keyword arguments of the losses for this family (DSPO has an SDXL form).
     loss_kwargs: ClassVar[dict] = {}
+    # The keyword of the pipeline's ``save_lora_weights`` that takes the denoiser's adapters
+    # (``unet_lora_layers``; SD3 / FLUX pipelines: ``transformer_lora_layers``) and its metadata.
+    lora_layers_prefix: ClassVar[str] = "unet"
+    # ``--lora_rank`` when not given: 0 (full fine-tuning, the reference) for the UNet families;
+    # the flow transformers default to LoRA (a second full FLUX transformer is 24 GB).
+    default_lora_rank: ClassVar[int] = 0
 
     def __repr__(self) -> str:
         return f"<model family {self.name}>"
@@ -276,10 +317,14 @@ class ModelFamily:
         return self.description
 
     # --- loading -------------------------------------------------------------------------------
-    def objective(self, scheduler, name: str) -> Objective:
-        """The training objective of ``scheduler`` (``name``: the model, for errors)."""
-        _require_epsilon(scheduler.config.get("prediction_type", "epsilon"), name)
-        return EpsilonObjective(scheduler)
+    def objective(self, scheduler, name: str, density=None) -> Objective:
+        """The training objective of ``scheduler`` (``name``: the model, for errors): the DDPM
+        objective of its ``prediction_type`` (ε or v). ``density``: the timestep density of
+        flow-matching families (:class:`sdpo.families.flow.TimestepDensity`); DDPM families draw
+        t uniformly, as Diffusion-DPO, and ignore it."""
+        prediction = scheduler.config.get("prediction_type", "epsilon")
+        _require_epsilon(prediction, name)
+        return PREDICTION_OBJECTIVES[prediction](scheduler)
 
     def check_configs(self, configs: ModelConfigs, name: str) -> None:
         """Refuse, from the configs alone, a model this family cannot train."""
@@ -357,10 +402,15 @@ class ModelFamily:
         return None
 
     def load_parts(
-        self, source: ModelSource, *, resolution: int, with_denoiser: bool = True
+        self,
+        source: ModelSource,
+        *,
+        resolution: int,
+        with_denoiser: bool = True,
+        density=None,
     ) -> ModelParts:
         """Tokenizers, text encoders, VAE, scheduler and (unless ``with_denoiser=False``, as the
-        latent/text cache needs) the denoiser."""
+        latent/text cache needs) the denoiser. ``density``: see :meth:`objective`."""
         scheduler = self.load_scheduler(source)
         tokenizers, text_encoders = self.load_text_encoders(source)
         return ModelParts(
@@ -370,13 +420,13 @@ class ModelFamily:
             text_encoders=text_encoders,
             tokenizers=tokenizers,
             noise_scheduler=scheduler,
-            objective=self.objective(scheduler, source.name_or_path),
+            objective=self.objective(scheduler, source.name_or_path, density=density),
             resolution=resolution,
             vae_dtype_override=self.vae_dtype_override(source),
         )
 
     def parts_from_modules(
-        self, *, unet, vae, text_encoders, tokenizers, scheduler, resolution: int
+        self, *, unet, vae, text_encoders, tokenizers, scheduler, resolution: int, density=None
     ) -> ModelParts:
         """:class:`ModelParts` from modules built in memory (tests, the bench)."""
         return ModelParts(
@@ -386,7 +436,7 @@ class ModelFamily:
             text_encoders=list(text_encoders),
             tokenizers=list(tokenizers),
             noise_scheduler=scheduler,
-            objective=self.objective(scheduler, self.name),
+            objective=self.objective(scheduler, self.name, density=density),
             resolution=resolution,
         )
 
@@ -429,6 +479,20 @@ class ModelFamily:
         raise NotImplementedError
 
     # --- generation ----------------------------------------------------------------------------
+    def initial_noise(self, denoiser_config, vae_scale_factor: int, height: int, width: int,
+                      generator, device, dtype):  # fmt: skip
+        """One initial noise ``[1, ...]`` in the layout the pipeline's ``latents=`` takes:
+        ``randn(1, C, H/f, W/f)`` (the reference's draw)."""
+        import torch
+
+        f = vae_scale_factor
+        shape = (1, denoiser_config.in_channels, height // f, width // f)
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    def output_latents(self, latents, height: int, width: int, vae_scale_factor: int):
+        """The pipeline's ``output_type="latent"`` output -> ``[B, C, h, w]`` VAE latents."""
+        return latents
+
     def pipeline_kwargs(self) -> dict:
         """Extra keyword arguments of the pipeline's ``from_pretrained`` (and constructor)."""
         return {}

@@ -132,3 +132,82 @@ EXPECTED_PARAMS = {
 }
 
 DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024}
+
+# --- Flow-matching transformers (sdpo.families.sd3 / .flux), for the bench's real-size rows ------
+# The published configs of stabilityai/stable-diffusion-3.5-medium and black-forest-labs/FLUX.1-dev
+# (transformer, VAE, scheduler) and of their text encoders; T5 is google's T5-v1.1-XXL encoder.
+
+SD35M_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,  # CLIP-L 768 + CLIP-G 1280 projections
+    out_channels=16,
+    pos_embed_max_size=384,
+    dual_attention_layers=list(range(13)),  # MMDiT-X: the first 13 blocks
+    qk_norm="rms_norm",
+)
+
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,  # 16 latent channels x 2 x 2 packing
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,  # CLIP-L pooled output
+    guidance_embeds=True,
+    axes_dims_rope=[16, 56, 56],
+)
+
+_FLOW_VAE_COMMON = dict(
+    _VAE_COMMON,
+    latent_channels=16,
+    sample_size=1024,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+SD3_VAE = dict(_FLOW_VAE_COMMON, scaling_factor=1.5305, shift_factor=0.0609)
+FLUX_VAE = dict(_FLOW_VAE_COMMON, scaling_factor=0.3611, shift_factor=0.1159)
+
+# T5-v1.1-XXL encoder (SD3's text_encoder_3, FLUX's text_encoder_2), a T5EncoderModel config.
+T5_XXL_ENCODER = dict(
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    is_encoder_decoder=False,
+    layer_norm_epsilon=1e-6,
+)
+
+# FlowMatchEulerDiscreteScheduler: SD3 shifts its sigmas by 3; FLUX.1-dev shifts at sampling time
+# by the image size (the training sigmas are unshifted).
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+FLUX_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+# Parameter counts of the flow transformers built from these configs (tests/test_flow.py); FLUX.1-dev's
+# 11.9 B is its published size.
+FLOW_EXPECTED_PARAMS = {
+    "sd35m_transformer": 2_243_171_520,
+    "flux_dev_transformer": 11_901_408_320,
+}
+FLOW_DEFAULT_RESOLUTION = {"sd3": 1024, "flux": 1024}

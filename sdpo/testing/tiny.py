@@ -191,3 +191,183 @@ def _rm_tree(p: Path) -> None:
     import shutil
 
     shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow-matching transformers (SD3 / SD3.5, FLUX)
+# ---------------------------------------------------------------------------------------------
+
+TINY_T5_WIDTH = 32  # d_model of the tiny T5; SD3 pads the CLIP states up to it
+
+
+def write_char_t5_tokenizer(path: str | Path) -> Path:
+    """Write a T5 tokenizer folder (Unigram on the ``tokenizers`` library) whose vocabulary is
+    every printable ASCII character, alone and word-initial (``▁a``): no sentencepiece model
+    to download, and every test caption tokenizes to known pieces."""
+    from transformers import T5Tokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    tok = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+    tok.save_pretrained(path)
+    return path
+
+
+def _t5_encoder(width: int = TINY_T5_WIDTH):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=TINY_VOCAB_SIZE,
+            d_model=width,
+            d_ff=37,
+            d_kv=8,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            is_encoder_decoder=False,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+
+
+def _flow_vae(*, latent_channels: int, shift_factor: float, scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=latent_channels,
+        norm_num_groups=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+    )
+
+
+def tiny_sd3_transformer_config(*, sd35: bool = False, sample_size: int = 16) -> dict:
+    """SD3Transformer2DModel config: 4 latent channels, patch 2, joint width = the T5 width
+    (CLIP-L 16 + CLIP-G 16 = 32 ≤ 32, so nothing is cropped). ``sd35``: SD3.5-Medium-style
+    (MMDiT-X dual attention in the first layer and RMS qk-norm)."""
+    cfg = dict(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=TINY_T5_WIDTH,
+        pooled_projection_dim=32,
+        pos_embed_max_size=sample_size,  # ≥ latent side / patch
+    )
+    if sd35:
+        cfg.update(dual_attention_layers=(0,), qk_norm="rms_norm")
+    return cfg
+
+
+def build_tiny_sd3(
+    path: str | Path, *, seed: int = 0, sd35: bool = False, sample_size: int = 16
+) -> Path:
+    """Save a tiny random SD3-style (``sd35``: SD3.5-style) pipeline folder at ``path``.
+
+    Latents of 32-pixel images are 16×16 (the VAE halves once); ``sample_size`` is the
+    transformer's latent side."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(
+            **tiny_sd3_transformer_config(sd35=sd35, sample_size=sample_size)
+        ),
+        vae=_flow_vae(latent_channels=4, shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=CLIPTextModelWithProjection(
+            _text_encoder_config(hidden=16, projection_dim=16)
+        ),
+        text_encoder_2=CLIPTextModelWithProjection(
+            _text_encoder_config(hidden=16, projection_dim=16)
+        ),
+        text_encoder_3=_t5_encoder(),
+        tokenizer=_load_tokenizer(path / "_tok"),
+        tokenizer_2=_load_tokenizer(path / "_tok2", pad_token="!"),
+        tokenizer_3=_load_t5_tokenizer(path / "_tok3"),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    for sub in ("_tok", "_tok2", "_tok3"):
+        _rm_tree(path / sub)
+    return path
+
+
+def tiny_flux_transformer_config(*, guidance_embeds: bool = True) -> dict:
+    """FluxTransformer2DModel config: packed 2×2 latents of 4 channels (16 inputs), rope axes
+    summing to the head width, guidance embedding as FLUX.1-dev."""
+    return dict(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TINY_T5_WIDTH,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    )
+
+
+def build_tiny_flux(path: str | Path, *, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """Save a tiny random FLUX-style pipeline folder at ``path`` (dev-like: guidance embedding;
+    ``guidance_embeds=False``: schnell-like)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    pipe = FluxPipeline(
+        transformer=FluxTransformer2DModel(
+            **tiny_flux_transformer_config(guidance_embeds=guidance_embeds)
+        ),
+        vae=_flow_vae(latent_channels=4, shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=CLIPTextModel(_text_encoder_config(hidden=32, projection_dim=32)),
+        text_encoder_2=_t5_encoder(),
+        tokenizer=_load_tokenizer(path / "_tok"),
+        tokenizer_2=_load_t5_tokenizer(path / "_tok2"),
+        # FLUX.1-dev's schedule: resolution-dependent shift at sampling, none in the sigmas.
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    for sub in ("_tok", "_tok2"):
+        _rm_tree(path / sub)
+    return path
+
+
+def _load_t5_tokenizer(tmp: Path):
+    from transformers import T5Tokenizer
+
+    write_char_t5_tokenizer(tmp)
+    return T5Tokenizer.from_pretrained(tmp)
