@@ -357,7 +357,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     ref = cfg.ref_unet_init
     if ref and ref != "base" and _looks_local(ref) and not os.path.exists(ref):
         bad("ref_unet_init", f"{ref!r} does not exist")
-    if ref and cfg.lora_rank > 0:
+    if ref and (cfg.lora_rank or 0) > 0:
         bad("ref_unet_init", "cannot be combined with --lora_rank (LoRA's reference is its base)")
 
     validate_data(cfg, cached=cfg.precomputed_dir is not None)

@@ -272,6 +272,11 @@ def _train(cfg: TrainConfig) -> dict:
         logger.warning("--use_winner_preserving has no effect on unpaired %s", cfg.train_method)
     if cfg.lora_rank is None:  # LoRA by default for the flow transformers (family setting)
         cfg.lora_rank = family.default_lora_rank
+        if cfg.ref_unet_init and cfg.lora_rank > 0:
+            raise ValueError(
+                f"--ref_unet_init: {family.name} trains LoRA by default, whose reference is its "
+                "base; pass --lora_rank 0 for a full fine-tune with another reference"
+            )
     parts = family.load_parts(
         source, resolution=cfg.resolution, density=TimestepDensity.from_flags(cfg)
     )
