@@ -269,6 +269,11 @@ def make_plan(cfg: GenerateConfig, *, hash_weights: bool = True) -> Plan:
     if cfg.limit is not None:
         entries = entries[: cfg.limit]
     base, family = resolve_family(cfg)
+    if not family.text_to_image:
+        raise GenerationError(
+            f"{base} is a {family.name} model ({family.description}): it refines an image and "
+            "cannot generate from a prompt alone; evaluate the base model it refines"
+        )
     # Per-family sampling defaults (recorded in the manifest's provenance and file name).
     if cfg.steps is None:
         cfg.steps = family.eval_steps

@@ -13,7 +13,7 @@ heavy library.
 
 from __future__ import annotations
 
-from sdpo.families import flux, sd3, sd15, sdxl
+from sdpo.families import flux, sd3, sd15, sdxl, sdxl_refiner
 from sdpo.families.base import (
     EpsilonObjective,
     ModelConfigs,
@@ -25,7 +25,7 @@ from sdpo.families.base import (
 )
 
 FAMILIES: dict[str, ModelFamily] = {
-    f.name: f for f in (sd15.FAMILY, sdxl.FAMILY, sd3.FAMILY, flux.FAMILY)
+    f.name: f for f in (sd15.FAMILY, sdxl.FAMILY, sdxl_refiner.FAMILY, sd3.FAMILY, flux.FAMILY)
 }
 
 __all__ = [

@@ -157,8 +157,14 @@ class EpsilonObjective(Objective):
 
     name = "epsilon"
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler, timestep_map=None):
         self.scheduler = scheduler
+        # A map applied to the uniform draw: models trained on part of the schedule only
+        # (the SDXL refiner, SDXL-Turbo) are trained there, as the official code does.
+        self.timestep_map = timestep_map
+
+    def _mapped(self, timesteps):
+        return timesteps if self.timestep_map is None else self.timestep_map(timesteps)
 
     def draw(self, generators, latent_shape, device):
         import torch
@@ -171,7 +177,7 @@ class EpsilonObjective(Objective):
         timesteps = torch.cat(
             [torch.randint(0, steps, (1,), generator=g, device=device) for g in generators]
         )
-        return noise, timesteps
+        return noise, self._mapped(timesteps)
 
     def noisy_and_target(self, latents, noise, timesteps):
         return self.scheduler.add_noise(latents, noise, timesteps), noise
@@ -180,7 +186,7 @@ class EpsilonObjective(Objective):
         import torch
 
         steps = self.scheduler.config.num_train_timesteps
-        return torch.randint(0, steps, (n,), generator=generator, device=device)
+        return self._mapped(torch.randint(0, steps, (n,), generator=generator, device=device))
 
 
 class VPredictionObjective(EpsilonObjective):
@@ -289,6 +295,8 @@ class ModelFamily:
     denoiser_subfolder: ClassVar[str] = "unet"
     denoiser_class_name: ClassVar[str] = "UNet2DConditionModel"
     pipeline_class_name: ClassVar[str]
+    # Whether eval.generate can make images from a prompt alone (the SDXL refiner cannot).
+    text_to_image: ClassVar[bool] = True
     # Evaluation: the scheduler the paper samples with and the VAE used by default (None: base).
     eval_scheduler_class_name: ClassVar[str] = "EulerDiscreteScheduler"
     eval_vae: ClassVar[str | None] = None

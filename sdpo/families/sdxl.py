@@ -11,6 +11,12 @@ from __future__ import annotations
 from sdpo.families.base import ModelConfigs, ModelFamily, ModelSource, has_component
 
 
+def turbo_timesteps(timesteps):
+    """SDXL-Turbo was distilled for 1-4 steps: train it only at t in {249, 499, 749, 999}, one
+    of the four picked by the uniform draw (the official train.py's rule)."""
+    return 250 * (timesteps % 4) + 249
+
+
 class SDXL(ModelFamily):
     name = "sdxl"
     description = "Stable Diffusion XL: two text encoders and a UNet with 'text_time' embedding"
@@ -22,12 +28,23 @@ class SDXL(ModelFamily):
     eval_vae = "madebyollin/sdxl-vae-fp16-fix"
     loss_kwargs = {"sdxl": True}  # DSPO's SDXL form (sdpo.losses)
 
+    n_time_ids = 6  # [H, W, top, left, H, W]
+
     def matches(self, configs: ModelConfigs) -> bool:
         return (
             has_component(configs.index, "unet")
+            and has_component(configs.index, "text_encoder")
             and has_component(configs.index, "text_encoder_2")
             and configs.denoiser.get("addition_embed_type") == "text_time"
         )
+
+    def objective(self, scheduler, name: str, density=None):
+        """ε-prediction; for SDXL-Turbo (a model whose name says "turbo", the official rule:
+        its configs are those of SDXL base) the timesteps it was distilled for."""
+        objective = super().objective(scheduler, name, density)
+        if "turbo" in str(name).lower():
+            objective.timestep_map = turbo_timesteps
+        return objective
 
     def load_text_encoders(self, source: ModelSource):
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
@@ -98,7 +115,7 @@ class SDXL(ModelFamily):
         width = denoiser_config["cross_attention_dim"]
         pooled = (
             denoiser_config["projection_class_embeddings_input_dim"]
-            - 6 * denoiser_config["addition_time_embed_dim"]
+            - self.n_time_ids * denoiser_config["addition_time_embed_dim"]
         )
         return {
             "encoder_hidden_states": torch.randn(batch, tokens, width, device=device, dtype=dtype),

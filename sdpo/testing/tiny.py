@@ -180,6 +180,34 @@ def build_tiny_sdxl(path: str | Path, *, seed: int = 0, sample_size: int = 32) -
     return path
 
 
+def build_tiny_sdxl_refiner(path: str | Path, *, seed: int = 0, sample_size: int = 32) -> Path:
+    """Save a tiny random SDXL-refiner-style folder: ``text_encoder_2`` only, a ``text_time``
+    UNet whose added embedding takes the pooled text (32) plus five ids (5 * 8)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    unet_config = tiny_unet_config(sdxl=True, sample_size=sample_size)
+    unet_config.update(cross_attention_dim=32, projection_class_embeddings_input_dim=72)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        unet=UNet2DConditionModel(**unet_config),
+        vae=_vae(),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=CLIPTextModelWithProjection(
+            _text_encoder_config(hidden=32, projection_dim=32)
+        ),
+        tokenizer_2=_load_tokenizer(path / "_tok2", pad_token="!"),
+        scheduler=_scheduler(),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    _rm_tree(path / "_tok2")
+    return path
+
+
 def _load_tokenizer(tmp: Path, pad_token: str = "<|endoftext|>"):
     from transformers import CLIPTokenizer
 
