@@ -178,7 +178,7 @@ def train_config(cfg: BenchConfig, row: Row):
     (Diffusion-DPO, β 5000, safeguard μ 0.9) plus the row's flags, resolved like ``train.py``
     (a family with an official flag, SDXL, gets the reference's gradient checkpointing and
     Adafactor)."""
-    from sdpo.config import TrainConfig, resolve
+    from sdpo.config import TrainConfig, resolve, resolve_for_family
     from sdpo.families import get_family
 
     family = get_family(cfg.family)
@@ -201,7 +201,7 @@ def train_config(cfg: BenchConfig, row: Row):
     if family.flag:
         recipe[family.flag] = True
     tc = TrainConfig(**{**recipe, **flags})
-    return resolve(tc)
+    return resolve_for_family(resolve(tc), family)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -337,6 +337,20 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def resolve_for_family(cfg: TrainConfig, family) -> TrainConfig:
+    """Fill the defaults that depend on the model family, known once its configs are read (the
+    LoRA rank: LoRA by default for the flow transformers); raise ``ValueError`` naming the flag
+    for a combination the family's default makes impossible."""
+    if cfg.lora_rank is None:
+        cfg.lora_rank = family.default_lora_rank
+        if cfg.ref_unet_init and cfg.lora_rank > 0:
+            raise ValueError(
+                f"--ref_unet_init: {family.name} trains LoRA by default, whose reference is its "
+                "base; pass --lora_rank 0 for a full fine-tune with another reference"
+            )
+    return cfg
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every value before anything expensive happens; raise ONE ``ValueError`` naming the
     flag. Cheap filesystem checks (local paths that must exist) are included."""

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from sdpo import io
-from sdpo.config import TrainConfig, resolve, validate
+from sdpo.config import TrainConfig, resolve, resolve_for_family, validate
 
 logger = logging.getLogger("sdpo.training")
 
@@ -270,13 +270,7 @@ def _train(cfg: TrainConfig) -> dict:
         )
     if cfg.use_winner_preserving and not spec.paired:
         logger.warning("--use_winner_preserving has no effect on unpaired %s", cfg.train_method)
-    if cfg.lora_rank is None:  # LoRA by default for the flow transformers (family setting)
-        cfg.lora_rank = family.default_lora_rank
-        if cfg.ref_unet_init and cfg.lora_rank > 0:
-            raise ValueError(
-                f"--ref_unet_init: {family.name} trains LoRA by default, whose reference is its "
-                "base; pass --lora_rank 0 for a full fine-tune with another reference"
-            )
+    resolve_for_family(cfg, family)
     parts = family.load_parts(
         source, resolution=cfg.resolution, density=TimestepDensity.from_flags(cfg)
     )
