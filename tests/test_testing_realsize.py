@@ -16,12 +16,15 @@ from sdpo.testing import configs, realsize
         ("sdxl_unet", lambda: realsize.build_unet("sdxl")),
         ("sdxl_vae", lambda: realsize.build_vae("sdxl")),
         ("openclip_bigg_text", lambda: realsize.build_text_encoders("sdxl")[1]),
+        ("sd35m_transformer", lambda: realsize.build_unet("sd3")),
+        ("flux_dev_transformer", lambda: realsize.build_unet("flux")),
     ],
 )
 def test_parameter_counts_match_the_published_models(name, build):
     model = build()  # meta device: shapes only, no memory
     assert next(model.parameters()).device.type == "meta"
-    assert realsize.count_params(model) == configs.EXPECTED_PARAMS[name]
+    expected = {**configs.EXPECTED_PARAMS, **configs.FLOW_EXPECTED_PARAMS}
+    assert realsize.count_params(model) == expected[name]
 
 
 def test_published_sizes_in_millions():
@@ -58,4 +61,15 @@ def test_random_init_is_deterministic_bounded_and_fills_buffers():
 
 def test_unknown_family_is_refused():
     with pytest.raises(ValueError, match="family"):
-        realsize.build_unet("sd3")
+        realsize.build_unet("sd2")
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_parts_build_with_their_encoders_and_objective(family, tmp_path):
+    """The bench's real-size SD3.5-M / FLUX parts: T5-XXL (4.76 B) among the encoders and the
+    family's flow-matching objective on the flow scheduler."""
+    parts = realsize.build_model_parts(family, tmp_path, device="meta")
+    sizes = [realsize.count_params(e) for e in parts.text_encoders]
+    assert sizes[-1] == 4_762_310_656 and len(sizes) == (3 if family == "sd3" else 2)
+    assert type(parts.objective).__name__ == "FlowMatchObjective"
+    assert parts.resolution == 1024 and parts.family.name == family

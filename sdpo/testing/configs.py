@@ -17,7 +17,7 @@ OpenCLIP bigG text   694,659,840   (CLIPTextModelWithProjection, 1280-d projecti
 ===================  ==============
 """
 
-FAMILIES = ("sd15", "sdxl")
+FAMILIES = ("sd15", "sdxl", "sd3", "flux")
 
 SD15_UNET = dict(
     act_fn="silu",
@@ -131,7 +131,7 @@ EXPECTED_PARAMS = {
     "openclip_bigg_text": 694_659_840,
 }
 
-DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024}
+DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}
 
 # --- Flow-matching transformers (sdpo.families.sd3 / .flux), for the bench's real-size rows ------
 # The published configs of stabilityai/stable-diffusion-3.5-medium and black-forest-labs/FLUX.1-dev
@@ -210,4 +210,3 @@ FLOW_EXPECTED_PARAMS = {
     "sd35m_transformer": 2_243_171_520,
     "flux_dev_transformer": 11_901_408_320,
 }
-FLOW_DEFAULT_RESOLUTION = {"sd3": 1024, "flux": 1024}

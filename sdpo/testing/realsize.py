@@ -1,4 +1,5 @@
-"""Random-weight real-size SD1.5 / SDXL models built from :mod:`sdpo.testing.configs`.
+"""Random-weight real-size SD1.5 / SDXL / SD3.5-M / FLUX.1-dev models built from
+:mod:`sdpo.testing.configs`.
 
 They stand in for downloaded pipelines in the benchmark and in parameter-count tests.
 
@@ -19,13 +20,49 @@ from sdpo.testing.configs import (
     CLIP_L_TEXT,
     DEFAULT_RESOLUTION,
     FAMILIES,
+    FLUX_DEV_TRANSFORMER,
+    FLUX_SCHEDULER,
+    FLUX_VAE,
     OPENCLIP_BIGG_TEXT,
+    SD3_SCHEDULER,
+    SD3_VAE,
     SD15_UNET,
     SD15_VAE,
+    SD35M_TRANSFORMER,
     SD_SCHEDULER,
     SDXL_UNET,
     SDXL_VAE,
+    T5_XXL_ENCODER,
 )
+
+# Per family: (diffusers denoiser class, its config), the VAE config, and the text encoders as
+# (transformers class, config kind, config); the scheduler (class, config).
+DENOISERS = {
+    "sd15": ("UNet2DConditionModel", SD15_UNET),
+    "sdxl": ("UNet2DConditionModel", SDXL_UNET),
+    "sd3": ("SD3Transformer2DModel", SD35M_TRANSFORMER),
+    "flux": ("FluxTransformer2DModel", FLUX_DEV_TRANSFORMER),
+}
+VAES = {"sd15": SD15_VAE, "sdxl": SDXL_VAE, "sd3": SD3_VAE, "flux": FLUX_VAE}
+TEXT_ENCODERS = {
+    "sd15": [("CLIPTextModel", "clip", CLIP_L_TEXT)],
+    "sdxl": [
+        ("CLIPTextModel", "clip", CLIP_L_TEXT),
+        ("CLIPTextModelWithProjection", "clip", OPENCLIP_BIGG_TEXT),
+    ],
+    "sd3": [
+        ("CLIPTextModelWithProjection", "clip", CLIP_L_TEXT),
+        ("CLIPTextModelWithProjection", "clip", OPENCLIP_BIGG_TEXT),
+        ("T5EncoderModel", "t5", T5_XXL_ENCODER),
+    ],
+    "flux": [("CLIPTextModel", "clip", CLIP_L_TEXT), ("T5EncoderModel", "t5", T5_XXL_ENCODER)],
+}
+SCHEDULERS = {
+    "sd15": ("DDPMScheduler", SD_SCHEDULER),
+    "sdxl": ("DDPMScheduler", SD_SCHEDULER),
+    "sd3": ("FlowMatchEulerDiscreteScheduler", SD3_SCHEDULER),
+    "flux": ("FlowMatchEulerDiscreteScheduler", FLUX_SCHEDULER),
+}
 
 
 def _check_family(family: str) -> None:
@@ -76,6 +113,9 @@ def random_init_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     for name, buf in module.named_buffers():
         if name.endswith("position_ids"):
             buf.copy_(torch.arange(buf.shape[-1], device=buf.device).expand_as(buf))
+        elif name.endswith("pos_embed") and buf.is_floating_point():
+            # SD3's fixed sin-cos position table: any values of its scale time the same.
+            buf.normal_(0.0, 0.02, generator=gen)
         else:
             raise ValueError(f"random_init_: no rule for buffer {name!r}")
     return module
@@ -98,14 +138,15 @@ def _materialise(module, device, dtype, seed: int):
 
 
 def build_unet(family: str = "sd15", *, device="meta", dtype=torch.float32, seed: int = 0):
-    """A random-weight real-size ``UNet2DConditionModel`` (``device='meta'``: shapes only)."""
-    from diffusers import UNet2DConditionModel
+    """The family's random-weight real-size denoiser (a UNet, or the SD3 / FLUX transformer;
+    ``device='meta'``: shapes only)."""
+    import diffusers
 
     _check_family(family)
-    config = SD15_UNET if family == "sd15" else SDXL_UNET
+    cls_name, config = DENOISERS[family]
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**config)
-    return _materialise(unet, device, dtype, seed)
+        model = getattr(diffusers, cls_name)(**config)
+    return _materialise(model, device, dtype, seed)
 
 
 def build_vae(family: str = "sd15", *, device="meta", dtype=torch.float32, seed: int = 1):
@@ -113,26 +154,29 @@ def build_vae(family: str = "sd15", *, device="meta", dtype=torch.float32, seed:
 
     _check_family(family)
     with torch.device("meta"):
-        vae = AutoencoderKL(**(SD15_VAE if family == "sd15" else SDXL_VAE))
+        vae = AutoencoderKL(**VAES[family])
     return _materialise(vae, device, dtype, seed)
 
 
 def build_text_encoders(family: str = "sd15", *, device="meta", dtype=torch.float32, seed=2):
-    """``[CLIP-L]`` (SD1.5) or ``[CLIP-L, OpenCLIP-bigG with projection]`` (SDXL)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    """The family's text encoders: ``[CLIP-L]`` (SD1.5), ``[CLIP-L, OpenCLIP-bigG with
+    projection]`` (SDXL), ``[CLIP-L, CLIP-G, T5-XXL]`` (SD3), ``[CLIP-L, T5-XXL]`` (FLUX)."""
+    import transformers
 
     _check_family(family)
+    config_cls = {"clip": transformers.CLIPTextConfig, "t5": transformers.T5Config}
+    encoders = []
     with torch.device("meta"):
-        encoders = [CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))]
-        if family == "sdxl":
-            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG_TEXT)))
+        for cls_name, kind, config in TEXT_ENCODERS[family]:
+            encoders.append(getattr(transformers, cls_name)(config_cls[kind](**config)))
     return [_materialise(e, device, dtype, seed + i) for i, e in enumerate(encoders)]
 
 
-def build_scheduler():
-    from diffusers import DDPMScheduler
+def build_scheduler(family: str = "sd15"):
+    import diffusers
 
-    return DDPMScheduler(**SD_SCHEDULER)
+    cls_name, config = SCHEDULERS[family]
+    return getattr(diffusers, cls_name)(**config)
 
 
 def build_model_parts(
@@ -158,10 +202,12 @@ def build_model_parts(
     from sdpo.testing.tiny import write_char_tokenizer
 
     _check_family(family)
-    tokenizers = [CLIPTokenizer.from_pretrained(write_char_tokenizer(Path(tokenizer_dir) / "t1"))]
-    if family == "sdxl":
-        # SDXL's second tokenizer pads with "!" (as the published tokenizer_2).
-        path = write_char_tokenizer(Path(tokenizer_dir) / "t2", pad_token="!")
+    # One character-level tokenizer per text encoder (the real-size rows run from cached
+    # conditioning, so the vocabulary only has to fit); SDXL's second pads with "!" as published.
+    tokenizers = []
+    for i in range(len(TEXT_ENCODERS[family])):
+        pad = "!" if i == 1 else "<|endoftext|>"
+        path = write_char_tokenizer(Path(tokenizer_dir) / f"t{i + 1}", pad_token=pad)
         tokenizers.append(CLIPTokenizer.from_pretrained(path))
     return get_family(family).parts_from_modules(
         unet=unet if unet is not None else build_unet(family, device=device, dtype=dtype),
@@ -170,6 +216,6 @@ def build_model_parts(
         if text_encoders is not None
         else build_text_encoders(family, device=device, dtype=dtype),
         tokenizers=tokenizers,
-        scheduler=build_scheduler(),
+        scheduler=build_scheduler(family),
         resolution=resolution or DEFAULT_RESOLUTION[family],
     )
