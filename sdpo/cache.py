@@ -36,6 +36,7 @@ from sdpo.data.cached import (
     identity_diff,
     read_manifest,
     shard_name,
+    text_shard_name,
 )
 from sdpo.data.pickapic import DataSource
 from sdpo.families import ModelSource
@@ -141,6 +142,15 @@ def _collate_rows(items):
     return torch.stack(images), list(captions), torch.tensor(valid, dtype=torch.uint8)
 
 
+def unique_captions(hf_dataset) -> tuple[list[str], list[int]]:
+    """``(distinct captions in order of first appearance, each row's index into them)``, read
+    from the caption column alone (no image is touched)."""
+    column = hf_dataset.select_columns(["caption"])["caption"]
+    first: dict[str, int] = {}
+    index = [first.setdefault(c or "", len(first)) for c in column]
+    return list(first), index
+
+
 @torch.no_grad()
 def encode_text(parts, captions: list[str], device, dtype) -> dict[str, torch.Tensor]:
     """The family's cached conditioning tensors (``{"hidden": [B, 77, D]}``, + ``"pooled"``
@@ -168,7 +178,7 @@ def precompute(cfg: CacheConfig, state=None) -> dict:
     ``is_main_process``, ``device``, ``wait_for_everyone()``)."""
     from tqdm.auto import tqdm
 
-    from sdpo.data.pickapic import load_pickapic
+    from sdpo.data.pickapic import load_pairs
     from sdpo.families import check_family
 
     validate(cfg)
@@ -196,9 +206,13 @@ def precompute(cfg: CacheConfig, state=None) -> dict:
                 f"--output_dir {str(out)!r} holds a cache of other settings ({diff}); use "
                 "another --output_dir"
             )
-    hf_ds, info = load_pickapic(data, cfg.seed if cfg.seed is not None else 0)
+    hf_ds, info = load_pairs(data, cfg.seed if cfg.seed is not None else 0)
     n = len(hf_ds)
     num_shards = (n + cfg.shard_size - 1) // cfg.shard_size
+    # Each distinct caption is encoded and stored once (T5 states are MBs per caption; data sets
+    # repeat a prompt over many pairs); image shards keep an index into this list.
+    captions, caption_index = unique_captions(hf_ds)
+    num_text_shards = (len(captions) + cfg.shard_size - 1) // cfg.shard_size
     if (out / MANIFEST).is_file() and read_manifest(out).get("pairs") not in (None, n):
         raise ValueError(f"--output_dir {str(out)!r}: cache of another pair count; start afresh")
 
@@ -218,6 +232,8 @@ def precompute(cfg: CacheConfig, state=None) -> dict:
         "moments_shape": [2 * parts.vae.config.latent_channels, latent, latent],
         "conditioning_shapes": {k: list(v.shape[1:]) for k, v in empty.items()},
         "pairs": n,
+        "captions": len(captions),
+        "num_text_shards": num_text_shards,
         "rows": info["rows"],
         "ties_dropped": info["ties_dropped"],
         "shard_size": cfg.shard_size,
@@ -230,6 +246,22 @@ def precompute(cfg: CacheConfig, state=None) -> dict:
         io.write_json(out / MANIFEST, manifest)
         io.save_safetensors({k: v[0] for k, v in empty.items()}, out / EMPTY_FILE)
     state.wait_for_everyone()
+
+    text_todo = [
+        k
+        for k in range(state.process_index, num_text_shards, state.num_processes)
+        if not (out / text_shard_name(k)).is_file()
+    ]
+    for k in tqdm(text_todo, desc="cache captions", disable=not state.is_main_process):
+        chunk = captions[k * cfg.shard_size : (k + 1) * cfg.shard_size]
+        parts_text: dict[str, list] = {}
+        for start in range(0, len(chunk), cfg.batch_size):
+            batch = chunk[start : start + cfg.batch_size]
+            for key, value in encode_text(parts, batch, state.device, text_dtype).items():
+                parts_text.setdefault(key, []).append(value.cpu())
+        io.save_safetensors(
+            {key: torch.cat(v) for key, v in parts_text.items()}, out / text_shard_name(k)
+        )
 
     mine = [
         k
@@ -246,19 +278,21 @@ def precompute(cfg: CacheConfig, state=None) -> dict:
             collate_fn=_collate_rows,
         )
         chunks: dict[str, list] = {"moments": [], "valid": []}
-        for images, captions, valid in loader:
+        for images, _, valid in loader:
             chunks["moments"].append(encode_images(parts.vae, images).cpu())
-            for key, value in encode_text(parts, captions, state.device, text_dtype).items():
-                chunks.setdefault(key, []).append(value.cpu())
             chunks["valid"].append(valid)
         tensors = {key: torch.cat(v) for key, v in chunks.items() if v}
         tensors["rows"] = torch.tensor(rows, dtype=torch.long)
+        tensors["caption"] = torch.tensor([caption_index[r] for r in rows], dtype=torch.long)
         io.save_safetensors(tensors, out / shard_name(k))
         bar.update(1)
     bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
         missing = [k for k in range(num_shards) if not (out / shard_name(k)).is_file()]
+        missing += [
+            f"text {k}" for k in range(num_text_shards) if not (out / text_shard_name(k)).is_file()
+        ]
         if missing:
             raise RuntimeError(f"shards {missing[:5]} are missing after the run; rerun")
         manifest["complete"] = True

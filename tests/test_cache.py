@@ -33,6 +33,7 @@ def _both(ds, cache_dir, *, seed, paired, proportion_empty_prompts):
     aug = Augment(resolution=32, seed=seed, proportion_empty_prompts=proportion_empty_prompts)
     return PreferencePairs(ds, aug, paired=paired), CachedPairs(cache_dir, aug, paired=paired)
 
+
 STATE = SimpleNamespace(
     process_index=0,
     num_processes=1,
@@ -259,3 +260,41 @@ def test_train_py_from_the_cache_logs_the_same_losses(setup, tmp_path):
     with pytest.raises(ValueError, match="resolution"):
         args = train_args(setup.model, setup.data, tmp_path / "bad", "--resolution", "64")
         train.main(train.parse_args([*args, "--precomputed_dir", str(setup.out)]))
+
+
+def test_each_distinct_caption_is_encoded_and_stored_once(tmp_path):
+    """Six pairs over three prompts: three conditioning rows in text-00000, every pair's cached
+    conditioning equal to its caption's encoding, and the text encoder called on 3 captions."""
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    model = tiny_sd15(tmp_path / "m")
+    data = tmp_path / "d"
+    path = write_synthetic_pickapic(data, n_pairs=6)
+    table = pq.read_table(path)
+    prompts = [f"prompt {i % 3}" for i in range(table.num_rows)]
+    table = table.set_column(table.schema.get_field_index("caption"), "caption", [prompts])
+    pq.write_table(table, path)
+    out = tmp_path / "cache"
+    encoded = []
+    real = cache.encode_text
+
+    def counting(parts, captions, device, dtype):
+        encoded.extend(captions)
+        return real(parts, captions, device, dtype)
+
+    cache.encode_text, saved = counting, cache.encode_text
+    try:
+        manifest = cache.precompute(cache.parse_args(cache_args(model, data, out)), STATE)
+    finally:
+        cache.encode_text = saved
+    assert manifest["captions"] == 3 and manifest["pairs"] == 6
+    assert sorted(encoded) == ["", "prompt 0", "prompt 1", "prompt 2"]  # "" = the dropout one
+    text = load_file(out / "text-00000.safetensors")
+    assert text["hidden"].shape[0] == 3
+    parts = load_parts(model)
+    cached = CachedPairs(out, Augment(resolution=32, seed=0))
+    for i in range(6):
+        item = cached[i]
+        want = parts.encode_prompts([prompts[item["index"]]], "cpu")["encoder_hidden_states"][0]
+        torch.testing.assert_close(item["cond"]["hidden"], want, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ import torch
 from sdpo.config import parse_args
 from sdpo.data import Augment, DataSource
 from sdpo.data.pairs import EpochShuffleSampler, PreferencePairs, collate_pairs
-from sdpo.data.pickapic import load_pickapic
+from sdpo.data.pickapic import load_pairs
 from sdpo.testing.data import write_synthetic_pickapic
 from tests.train_fixtures import train_args
 
@@ -44,7 +44,7 @@ def _decoded(raw: bytes, resolution: int) -> torch.Tensor:
 
 def test_ties_dropped_and_counted(tmp_path):
     write_synthetic_pickapic(tmp_path / "d", n_pairs=6, ties=3)
-    ds, info = load_pickapic(_cfg(tmp_path / "d", tmp_path))
+    ds, info = load_pairs(_cfg(tmp_path / "d", tmp_path))
     counts = {k: info[k] for k in ("rows", "ties_dropped", "invalid_labels_dropped", "pairs")}
     assert counts == {"rows": 9, "ties_dropped": 3, "invalid_labels_dropped": 0, "pairs": 6}
     assert info["layout"] == "pickapic"
@@ -53,7 +53,7 @@ def test_ties_dropped_and_counted(tmp_path):
 
 def test_max_train_samples(tmp_path):
     write_synthetic_pickapic(tmp_path / "d", n_pairs=10, ties=2)
-    ds, info = load_pickapic(_cfg(tmp_path / "d", tmp_path, "--max_train_samples", "4"))
+    ds, info = load_pairs(_cfg(tmp_path / "d", tmp_path, "--max_train_samples", "4"))
     assert len(ds) == info["pairs"] == 4 and info["ties_dropped"] == 2
 
 
@@ -64,7 +64,7 @@ def test_winner_first_and_reference_transforms(tmp_path):
 
     path = write_synthetic_pickapic(tmp_path / "d", n_pairs=4, size=40)
     table = pq.read_table(path).to_pydict()
-    ds, _ = load_pickapic(_cfg(tmp_path / "d", tmp_path))
+    ds, _ = load_pairs(_cfg(tmp_path / "d", tmp_path))
     pairs = _pairs(ds, hflip=False)
     for i in range(4):
         item = pairs[i]
@@ -81,7 +81,7 @@ def test_winner_first_and_reference_transforms(tmp_path):
 
 def test_unpaired_uses_the_preferred_image_only(tmp_path):
     write_synthetic_pickapic(tmp_path / "d", n_pairs=4)
-    ds, _ = load_pickapic(_cfg(tmp_path / "d", tmp_path))
+    ds, _ = load_pairs(_cfg(tmp_path / "d", tmp_path))
     paired = _pairs(ds, hflip=False)
     sft = _pairs(ds, hflip=False, paired=False)
     batch_pairs = collate_pairs([paired[i] for i in range(3)])
@@ -94,7 +94,7 @@ def test_unpaired_uses_the_preferred_image_only(tmp_path):
 
 def test_corrupt_row_skipped_and_counted(tmp_path):
     write_synthetic_pickapic(tmp_path / "d", n_pairs=3, corrupt_rows=1)
-    ds, info = load_pickapic(_cfg(tmp_path / "d", tmp_path))
+    ds, info = load_pairs(_cfg(tmp_path / "d", tmp_path))
     assert info["pairs"] == 4  # the corrupt row has a valid label; it fails only at decoding
     pairs = _pairs(ds)
     item = pairs[3]  # the corrupt row: replaced by the next row (wraps to row 0), counted
@@ -128,7 +128,7 @@ def test_missing_columns_named_before_training(tmp_path, monkeypatch):
 
 def test_caption_dropout_and_flips_are_seeded(tmp_path):
     write_synthetic_pickapic(tmp_path / "d", n_pairs=12)
-    ds, _ = load_pickapic(_cfg(tmp_path / "d", tmp_path))
+    ds, _ = load_pairs(_cfg(tmp_path / "d", tmp_path))
     all_empty = _pairs(ds, proportion_empty_prompts=1.0)
     assert {all_empty[i]["caption"] for i in range(12)} == {""}
     half = _pairs(ds, proportion_empty_prompts=0.5)
@@ -164,7 +164,7 @@ def test_local_folder_split_selection(tmp_path):
     write_synthetic_pickapic(tmp_path / "d", n_pairs=2, filename="validation_unique-00000.parquet")
     sizes = {}
     for split in ("train", "validation", "validation_unique"):
-        _, info = load_pickapic(_cfg(tmp_path / "d", tmp_path, "--split", split))
+        _, info = load_pairs(_cfg(tmp_path / "d", tmp_path, "--split", split))
         sizes[split] = info["pairs"]
     assert sizes == {"train": 5, "validation": 3, "validation_unique": 2}
 

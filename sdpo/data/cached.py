@@ -1,22 +1,26 @@
 """Training from a precomputed cache of VAE posteriors and text conditioning (``--precomputed_dir``).
 
 The cache is written by the ``python -m sdpo.cache`` tool. What it holds, per non-tie pair (the
-rows and order of :func:`sdpo.data.pickapic.load_pickapic`, winner first):
+rows and order of :func:`sdpo.data.pickapic.load_pairs`, winner first):
 
 * the VAE POSTERIOR moments (mean and log-variance, ``[2·C, h, w]``, as the VAE returns them)
   of the winner and the loser, each also of its horizontally flipped image: training draws the
   latent sample from the posterior with the same keyed generator as the uncached step, and picks
   the flipped or plain moments with the same :class:`sdpo.data.pairs.Augment` draws, so sampling
   and random flips stay exact. ``--random_crop`` cannot be cached and is refused.
-* the caption's conditioning tensors as the model family stores them
+* the conditioning tensors of every DISTINCT caption, once, as the model family stores them
   (:meth:`sdpo.families.base.ModelFamily.cond_to_cache`; SD1.5: ``hidden``; SDXL: ``hidden`` and
-  ``pooled``), and, once, the empty caption's, used where caption dropout replaces a caption.
+  ``pooled``; SD3 / FLUX: the T5 and CLIP states), and the empty caption's, used where caption
+  dropout replaces a caption. A prompt repeated over many pairs costs its (for T5, several MB)
+  conditioning once.
 
 Files: ``manifest.json`` (model, family, VAE, resolution, dtypes, data source; training refuses a
-cache whose manifest does not match its flags), ``empty.safetensors`` and
-``shard-NNNNN.safetensors`` (tensors ``moments`` ``[N, 2 (winner, loser), 2 (plain, flipped),
-2·C, h, w]``, the conditioning tensors ``[N, ...]``, ``valid`` ``[N, 2]`` (0 where the winner /
-loser image does not decode), ``rows`` ``[N]``).
+cache whose manifest does not match its flags), ``empty.safetensors``,
+``text-NNNNN.safetensors`` (the conditioning tensors of the distinct captions, ``shard_size``
+per file, in order of first appearance) and ``shard-NNNNN.safetensors`` (tensors ``moments``
+``[N, 2 (winner, loser), 2 (plain, flipped), 2·C, h, w]``, ``caption`` ``[N]`` (the row's index
+into the distinct captions), ``valid`` ``[N, 2]`` (0 where the winner / loser image does not
+decode), ``rows`` ``[N]``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 
 from sdpo.data.pairs import Augment, make_loader
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 EMPTY_FILE = "empty.safetensors"
 # Manifest entries training compares with its own flags (the rest is informational).
@@ -39,6 +43,10 @@ CONDITIONING_SKIP = ("moments", "valid", "rows")  # shard tensors that are not c
 
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
+
+
+def text_shard_name(k: int) -> str:
+    return f"text-{k:05d}.safetensors"
 
 
 def cache_identity(
@@ -86,6 +94,12 @@ def check_cache(cache_dir, identity: dict) -> dict:
             f"--precomputed_dir {str(cache_dir)!r} was made for other settings ({details}); "
             "rerun python -m sdpo.cache with training's flags"
         )
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ValueError(
+            f"--precomputed_dir {str(cache_dir)!r} is a cache of format "
+            f"{manifest.get('format')} (this version reads {FORMAT_VERSION}): rebuild it with "
+            "python -m sdpo.cache into a new folder"
+        )
     if not manifest.get("complete"):
         raise ValueError(
             f"--precomputed_dir {str(cache_dir)!r} is incomplete: rerun the same "
@@ -112,7 +126,7 @@ class CachedPairs(torch.utils.data.Dataset):
         self.epoch = 0
         self.empty = load_file(str(self.root / EMPTY_FILE))
         self.shard_size = self.manifest["shard_size"]
-        self._open: dict[int, object] = {}  # per process (and per DataLoader worker)
+        self._open: dict[str, object] = {}  # per process (and per DataLoader worker)
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -120,16 +134,21 @@ class CachedPairs(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.manifest["pairs"]
 
-    def _shard(self, k: int):
+    def _file(self, name: str):
         from safetensors import safe_open
 
-        if k not in self._open:
-            self._open[k] = safe_open(str(self.root / shard_name(k)), framework="pt")
-        return self._open[k]
+        if name not in self._open:
+            self._open[name] = safe_open(str(self.root / name), framework="pt")
+        return self._open[name]
 
     def _get(self, key: str, row: int) -> torch.Tensor:
         k, i = divmod(row, self.shard_size)
-        return self._shard(k).get_slice(key)[i : i + 1][0]
+        return self._file(shard_name(k)).get_slice(key)[i : i + 1][0]
+
+    def _text(self, key: str, row: int) -> torch.Tensor:
+        """The conditioning tensor ``key`` of the row's caption (stored once per caption)."""
+        k, i = divmod(int(self._get("caption", row)), self.shard_size)
+        return self._file(text_shard_name(k)).get_slice(key)[i : i + 1][0]
 
     def __getstate__(self):  # open file handles stay in their process (DataLoader workers)
         return {**self.__dict__, "_open": {}}
@@ -148,7 +167,7 @@ class CachedPairs(torch.utils.data.Dataset):
         drop, flips = self.augment.cached_draws(self.epoch, row, n_images)
         moments = self._get("moments", row)  # [2, 2, 2C, h, w]
         chosen = [moments[image, int(flip)] for image, flip in enumerate(flips)]
-        cond = {key: self.empty[key] if drop else self._get(key, row) for key in self.empty}
+        cond = {key: self.empty[key] if drop else self._text(key, row) for key in self.empty}
         return {
             "latent_moments": torch.stack(chosen),
             "cond": cond,
