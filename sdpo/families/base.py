@@ -295,6 +295,9 @@ class ModelFamily:
     denoiser_subfolder: ClassVar[str] = "unet"
     denoiser_class_name: ClassVar[str] = "UNet2DConditionModel"
     pipeline_class_name: ClassVar[str]
+    # (tokenizer subfolder, text-encoder subfolder, transformers class), in the order the
+    # family's conditioning uses them.
+    text_encoder_specs: ClassVar[tuple[tuple[str, str, str], ...]] = ()
     # Whether eval.generate can make images from a prompt alone (the SDXL refiner cannot).
     text_to_image: ClassVar[bool] = True
     # Evaluation: the scheduler the paper samples with and the VAE used by default (None: base).
@@ -393,8 +396,22 @@ class ModelFamily:
         )
 
     def load_text_encoders(self, source: ModelSource) -> tuple[list, list]:
-        """``(tokenizers, text_encoders)``."""
-        raise NotImplementedError
+        """``(tokenizers, text_encoders)`` as :attr:`text_encoder_specs` lists them."""
+        import transformers
+
+        kw = dict(revision=source.revision, cache_dir=source.cache_dir)
+        tokenizers, encoders = [], []
+        for tokenizer_sub, encoder_sub, cls_name in self.text_encoder_specs:
+            tokenizers.append(
+                transformers.AutoTokenizer.from_pretrained(
+                    source.name_or_path, subfolder=tokenizer_sub, **kw
+                )
+            )
+            encoder_cls = getattr(transformers, cls_name)
+            encoders.append(
+                encoder_cls.from_pretrained(source.name_or_path, subfolder=encoder_sub, **kw)
+            )
+        return tokenizers, encoders
 
     def load_scheduler(self, source: ModelSource):
         from diffusers import DDPMScheduler

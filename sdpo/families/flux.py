@@ -48,6 +48,10 @@ class FLUX(FlowFamily):
     default_resolution = 1024
     denoiser_class_name = "FluxTransformer2DModel"
     pipeline_class_name = "FluxPipeline"
+    text_encoder_specs = (
+        ("tokenizer", "text_encoder", "CLIPTextModel"),
+        ("tokenizer_2", "text_encoder_2", "T5EncoderModel"),
+    )
     max_sequence_length = 512  # FLUX.1-dev's (schnell: 256)
     # FluxPipeline's defaults: 28 steps, embedded guidance 3.5 (--cfg 2.5; FLUX.1-dev is
     # guidance-distilled: one forward per step, the negative prompt is unused).
@@ -61,21 +65,6 @@ class FLUX(FlowFamily):
             has_component(configs.index, "transformer")
             and configs.denoiser.get("_class_name") == "FluxTransformer2DModel"
         )
-
-    def load_text_encoders(self, source: ModelSource):
-        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
-
-        kw = dict(revision=source.revision, cache_dir=source.cache_dir)
-        name = source.name_or_path
-        tokenizers = [
-            AutoTokenizer.from_pretrained(name, subfolder="tokenizer", **kw),
-            AutoTokenizer.from_pretrained(name, subfolder="tokenizer_2", **kw),
-        ]
-        encoders = [
-            CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **kw),
-            T5EncoderModel.from_pretrained(name, subfolder="text_encoder_2", **kw),
-        ]
-        return tokenizers, encoders
 
     def load_parts(self, source: ModelSource, *, resolution: int, **kwargs):
         parts = super().load_parts(source, resolution=resolution, **kwargs)

@@ -6,7 +6,7 @@ hidden state of the CLIP text encoder, ``[B, 77, D]``.
 
 from __future__ import annotations
 
-from sdpo.families.base import ModelConfigs, ModelFamily, ModelSource, has_component
+from sdpo.families.base import ModelConfigs, ModelFamily, has_component
 
 
 class SD15(ModelFamily):
@@ -15,6 +15,7 @@ class SD15(ModelFamily):
     default_base = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     default_resolution = 512
     pipeline_class_name = "StableDiffusionPipeline"
+    text_encoder_specs = (("tokenizer", "text_encoder", "CLIPTextModel"),)
 
     def matches(self, configs: ModelConfigs) -> bool:
         return (
@@ -23,14 +24,6 @@ class SD15(ModelFamily):
             and not has_component(configs.index, "text_encoder_2")
             and configs.denoiser.get("addition_embed_type") != "text_time"
         )
-
-    def load_text_encoders(self, source: ModelSource):
-        from transformers import AutoTokenizer, CLIPTextModel
-
-        kw = dict(revision=source.revision, cache_dir=source.cache_dir)
-        tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, subfolder="tokenizer", **kw)
-        encoder = CLIPTextModel.from_pretrained(source.name_or_path, subfolder="text_encoder", **kw)
-        return [tokenizer], [encoder]
 
     def encode_prompts(self, parts, captions, device) -> dict:
         import torch

@@ -10,7 +10,7 @@ transformer takes the scheduler's timesteps t = σ·1000 as they are.
 
 from __future__ import annotations
 
-from sdpo.families.base import ModelConfigs, ModelSource, has_component
+from sdpo.families.base import ModelConfigs, has_component
 from sdpo.families.flow import FlowFamily
 
 
@@ -23,6 +23,11 @@ class SD3(FlowFamily):
     default_resolution = 1024
     denoiser_class_name = "SD3Transformer2DModel"
     pipeline_class_name = "StableDiffusion3Pipeline"
+    text_encoder_specs = (
+        ("tokenizer", "text_encoder", "CLIPTextModelWithProjection"),
+        ("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection"),
+        ("tokenizer_3", "text_encoder_3", "T5EncoderModel"),
+    )
     max_sequence_length = 256  # the pipeline's default
     eval_steps = 40  # SD3.5 Medium's model card: 40 steps, guidance_scale 4.5 (--cfg 3.5)
     eval_cfg = 3.5
@@ -41,22 +46,6 @@ class SD3(FlowFamily):
             raise ValueError(
                 f"{name!r}: this SD3 pipeline has no T5 encoder (text_encoder_3); training needs it"
             )
-
-    def load_text_encoders(self, source: ModelSource):
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
-
-        kw = dict(revision=source.revision, cache_dir=source.cache_dir)
-        name = source.name_or_path
-        tokenizers = [
-            AutoTokenizer.from_pretrained(name, subfolder=sub, **kw)
-            for sub in ("tokenizer", "tokenizer_2", "tokenizer_3")
-        ]
-        encoders = [
-            CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder", **kw),
-            CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", **kw),
-            T5EncoderModel.from_pretrained(name, subfolder="text_encoder_3", **kw),
-        ]
-        return tokenizers, encoders
 
     def encode_prompts(self, parts, captions, device) -> dict:
         import torch

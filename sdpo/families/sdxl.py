@@ -24,6 +24,10 @@ class SDXL(ModelFamily):
     default_resolution = 1024
     flag = "sdxl"
     pipeline_class_name = "StableDiffusionXLPipeline"
+    text_encoder_specs = (
+        ("tokenizer", "text_encoder", "CLIPTextModel"),
+        ("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection"),
+    )
     # SDXL's own VAE overflows in fp16; evaluation uses the fp16-fix VAE (as the reference).
     eval_vae = "madebyollin/sdxl-vae-fp16-fix"
     loss_kwargs = {"sdxl": True}  # DSPO's SDXL form (sdpo.losses)
@@ -45,21 +49,6 @@ class SDXL(ModelFamily):
         if "turbo" in str(name).lower():
             objective.timestep_map = turbo_timesteps
         return objective
-
-    def load_text_encoders(self, source: ModelSource):
-        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-
-        kw = dict(revision=source.revision, cache_dir=source.cache_dir)
-        name = source.name_or_path
-        tokenizers = [
-            AutoTokenizer.from_pretrained(name, subfolder="tokenizer", **kw),
-            AutoTokenizer.from_pretrained(name, subfolder="tokenizer_2", **kw),
-        ]
-        encoders = [
-            CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **kw),
-            CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", **kw),
-        ]
-        return tokenizers, encoders
 
     def vae_dtype_override(self, source: ModelSource):
         import torch

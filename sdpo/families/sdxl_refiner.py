@@ -15,7 +15,7 @@ but no first text encoder. Evaluation cannot run it from a prompt alone (it refi
 
 from __future__ import annotations
 
-from sdpo.families.base import ModelConfigs, ModelSource, has_component
+from sdpo.families.base import ModelConfigs, has_component
 from sdpo.families.sdxl import SDXL
 
 AESTHETIC_SCORE = 6.0
@@ -31,6 +31,7 @@ class SDXLRefiner(SDXL):
     description = "SDXL refiner: a 'text_time' UNet on text_encoder_2 only, aesthetic-score ids"
     default_base = "stabilityai/stable-diffusion-xl-refiner-1.0"
     pipeline_class_name = "StableDiffusionXLImg2ImgPipeline"
+    text_encoder_specs = (("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection"),)
     text_to_image = False
     n_time_ids = 5  # [H, W, top, left, aesthetic score]
 
@@ -46,17 +47,6 @@ class SDXLRefiner(SDXL):
         objective = super().objective(scheduler, name, density)
         objective.timestep_map = refiner_timesteps
         return objective
-
-    def load_text_encoders(self, source: ModelSource):
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection
-
-        kw = dict(revision=source.revision, cache_dir=source.cache_dir)
-        name = source.name_or_path
-        tokenizer = AutoTokenizer.from_pretrained(name, subfolder="tokenizer_2", **kw)
-        encoder = CLIPTextModelWithProjection.from_pretrained(
-            name, subfolder="text_encoder_2", **kw
-        )
-        return [tokenizer], [encoder]
 
     @staticmethod
     def time_ids(resolution: int, n: int, device=None):
