@@ -79,3 +79,15 @@ def synthetic_prompts(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         (folder / name).write_bytes(data)
         sums[stem] = hashlib.sha256(data).hexdigest()
     return folder, sums
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run several times faster single-threaded on a busy 2-core machine (no OpenMP
+    spinning); a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

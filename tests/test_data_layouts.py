@@ -5,7 +5,6 @@ training run per layout."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from sdpo.config import parse_args
 from sdpo.data import Augment, DataSource
@@ -15,14 +14,7 @@ from sdpo.data.pickapic import load_pairs
 from sdpo.testing import data as synth
 from tests.train_fixtures import build_models, load_unet_state, max_abs_diff, train_args
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run much faster single-threaded on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _source(folder, **kw) -> DataSource:

@@ -31,13 +31,7 @@ FAMILY_OF = {"sd3": "sd3", "sd35": "sd3", "flux": "flux"}
 BETA = {"diffusion-dpo": "500", "dspo": "0.001", "dmpo": "500", "sft": "500"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster single-threaded on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

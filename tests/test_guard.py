@@ -142,14 +142,7 @@ class Injector:
         return loss, stats
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and an oversubscribed CPU (parallel test runs)
-    makes multi-threaded torch crawl; the comparisons are within one test, one thread count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

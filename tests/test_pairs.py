@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import eval.generate as G
 import eval.pairs as P
@@ -18,13 +17,7 @@ K, N_PROMPTS = 3, 4
 PROMPTS = ["a red cube", "a blue sphere on grass", "two cats", "a lighthouse at night"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run much faster single-threaded on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ LABELS = [1, 0, 0, 1, 1, 0, 1, 1]
 DISAGREE = {1, 4, 6}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run much faster single-threaded on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class BrightnessScorer(Scorer):
