@@ -91,3 +91,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_env(tmp_path_factory):
+    """Tiny random scorer weights (eval/tiny_scorers.py) announced through their environment
+    variables for the module's tests, as a user's real weights would be."""
+    from eval.tiny_scorers import build_tiny_scorers
+
+    env = build_tiny_scorers(tmp_path_factory.mktemp("scorers"))
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        yield env

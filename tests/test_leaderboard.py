@@ -12,20 +12,10 @@ import pytest
 from PIL import Image
 
 from eval import compare, leaderboard, score
-from eval.tiny_scorers import build_tiny_scorers
 
 SETS = {"setA": ["a red cube", "a blue sphere", "a green cone"],
         "setB": ["a cat on a mat", "a dog in fog", "two birds", "a small boat"]}  # fmt: skip
 METRICS = ["clip", "aesthetics"]
-
-
-@pytest.fixture(scope="module")
-def tiny_env(tmp_path_factory):
-    env = build_tiny_scorers(tmp_path_factory.mktemp("scorers"))
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        yield env
 
 
 def _eval_folder(folder: Path, shift: int, seeds=(0,)) -> Path:

@@ -11,18 +11,8 @@ import pytest
 from PIL import Image
 
 from eval import compare
-from eval.tiny_scorers import build_tiny_scorers
 
 PROMPTS = ["a red cube", "a blue sphere", "a green cone", "a yellow star"]
-
-
-@pytest.fixture(scope="module")
-def tiny_env(tmp_path_factory):
-    env = build_tiny_scorers(tmp_path_factory.mktemp("scorers"))
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        yield env
 
 
 def _official_run(workdir: Path, name: str, shift: int) -> Path:

@@ -19,18 +19,9 @@ from PIL import Image
 
 from eval import score as score_cli
 from eval.scorers import IMAGEREWARD_MEAN, IMAGEREWARD_STD, WeightsNotFoundError, get_scorer
-from eval.tiny_scorers import TINY_BLIP_GEOMETRY, TINY_OPENCLIP_NAME, build_tiny_scorers
+from eval.tiny_scorers import TINY_BLIP_GEOMETRY, TINY_OPENCLIP_NAME
 
 PROMPTS = ["a cat on a mat", "A red car, 4k!", "an astronaut riding a horse on the moon", "x"]
-
-
-@pytest.fixture(scope="module")
-def tiny_env(tmp_path_factory):
-    env = build_tiny_scorers(tmp_path_factory.mktemp("scorers"))
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        yield env
 
 
 @pytest.fixture(scope="module")
