@@ -48,15 +48,14 @@ from eval.official import write_official
 from eval.score import (
     METRICS,
     ScoreConfig,
-    add_weight_flags,
-    atomic_write_text,
     parse_metrics,
+    parse_with_weights,
     read_scores,
     score_manifests,
     scores_path,
-    with_weights,
 )
-from sdpo.cli import arg, parse
+from sdpo import io as sdpo_io
+from sdpo.cli import arg
 
 # Generation settings two compared runs should share (what differs on purpose, the weights, is
 # not listed); a difference is a warning, not an error (comparing two step counts can be the point).
@@ -473,14 +472,8 @@ def format_summary(summary: dict) -> str:
 
 
 def parse_args(argv=None) -> CompareConfig:
-    return parse(
-        CompareConfig,
-        argv,
-        prog="python -m eval.compare",
-        description=__doc__.split("\n")[0],
-        extend=add_weight_flags,
-        finish=with_weights,
-        check=check_compare_config,
+    return parse_with_weights(
+        CompareConfig, argv, module="eval.compare", doc=__doc__, check=check_compare_config
     )
 
 
@@ -584,8 +577,8 @@ def main(cfg: CompareConfig) -> dict:
     outdir = Path(cfg.outdir) if cfg.outdir else default_outdir(cfg)
     outdir.mkdir(parents=True, exist_ok=True)
     for metric, data in pair_files.items():
-        atomic_write_text(outdir / f"{metric}.json", json.dumps(data, indent=1))
-    atomic_write_text(outdir / "summary.json", json.dumps(summary, indent=1))
+        sdpo_io.write_json(outdir / f"{metric}.json", data)
+    sdpo_io.write_json(outdir / "summary.json", summary)
     write_official(outdir / "official", pair_files, records_a, records_b, cfg.ties_as_loss_for_a)
     print(format_summary(summary))
     if cfg.report:

@@ -46,15 +46,14 @@ from eval.compare import CompareError, compare_runs
 from eval.score import (
     METRICS,
     ScoreConfig,
-    add_weight_flags,
     parse_metrics,
+    parse_with_weights,
     read_scores,
     score_manifests,
     scores_path,
-    with_weights,
 )
 from sdpo import io as sdpo_io
-from sdpo.cli import arg, parse
+from sdpo.cli import arg
 
 STEP_PATTERN = re.compile(r"(?:checkpoint|step|ckpt)[-_]?(\d+)", re.IGNORECASE)
 
@@ -458,14 +457,8 @@ def to_html(markdown_rows: list[dict], metrics, baseline, pngs: dict[str, bytes]
 
 
 def parse_args(argv=None) -> LeaderboardConfig:
-    return parse(
-        LeaderboardConfig,
-        argv,
-        prog="python -m eval.leaderboard",
-        description=__doc__.split("\n")[0],
-        extend=add_weight_flags,
-        finish=with_weights,
-        check=check_config,
+    return parse_with_weights(
+        LeaderboardConfig, argv, module="eval.leaderboard", doc=__doc__, check=check_config
     )
 
 

@@ -20,11 +20,11 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.request import urlopen
 
+from sdpo import io as sdpo_io
 from sdpo.cli import add_dataclass_arguments, arg, from_namespace
 
 # The repository's own prompts/ folder (holds smoke.json; the paper's files are fetched into it).
@@ -148,15 +148,7 @@ def _download(name: str) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    sdpo_io.write_bytes(path, data)
 
 
 def fetch(

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdpo import io as sdpo_io
 from sdpo.cli import arg, parse
 
 METRICS = ("pickscore", "hpsv2", "clip", "aesthetics", "imagereward")
@@ -113,15 +114,23 @@ def check_score_config(cfg: ScoreConfig) -> ScoreConfig:
     return cfg
 
 
-def parse_args(argv=None) -> ScoreConfig:
+def parse_with_weights(cls, argv, *, module: str, doc: str, check):
+    """The parser of an evaluation command that scores: ``cls``'s flags plus one weight flag
+    per scorer weight (into ``cfg.weights``), then ``check``."""
     return parse(
-        ScoreConfig,
+        cls,
         argv,
-        prog="python -m eval.score",
-        description=__doc__.split("\n")[0],
+        prog=f"python -m {module}",
+        description=doc.split("\n")[0],
         extend=add_weight_flags,
         finish=with_weights,
-        check=check_score_config,
+        check=check,
+    )
+
+
+def parse_args(argv=None) -> ScoreConfig:
+    return parse_with_weights(
+        ScoreConfig, argv, module="eval.score", doc=__doc__, check=check_score_config
     )
 
 
@@ -187,14 +196,8 @@ def read_scores(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    from sdpo import io
-
-    io.write_text(path, text)
-
-
 def write_scores(path: str | Path, records: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    sdpo_io.write_jsonl(path, records)
 
 
 def summarize(records: list[dict], metrics: list[str]) -> dict[str, dict[str, float]]:
@@ -363,7 +366,7 @@ def score_manifests(cfg: ScoreConfig, scorer_factory=None) -> dict[str, dict]:
             "n": len(records),
             "metrics": summarize(records, cfg.metrics),
         }
-        atomic_write_text(summary_path(manifest), json.dumps(summary, indent=1))
+        sdpo_io.write_json(summary_path(manifest), summary)
         summaries[str(manifest)] = summary
     return summaries
 
@@ -407,7 +410,7 @@ def main(cfg: ScoreConfig) -> dict[str, dict]:
     print(format_table(rows, cfg.metrics))
     if cfg.summary_out:
         Path(cfg.summary_out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cfg.summary_out, json.dumps(summaries, indent=1))
+        sdpo_io.write_json(cfg.summary_out, summaries)
     return summaries
 
 

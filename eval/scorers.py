@@ -237,10 +237,9 @@ def _download_url(url: str) -> str:
         return str(target)
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         raise OSError("offline (HF_HUB_OFFLINE is set) and not in the cache")
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(target.suffix + ".part")
-    torch.hub.download_url_to_file(url, str(tmp), progress=True)
-    os.replace(tmp, target)
+    from sdpo import io as sdpo_io
+
+    sdpo_io.atomic_write(target, lambda tmp: torch.hub.download_url_to_file(url, str(tmp)))
     return str(target)
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from sdpo import io as sdpo_io
 from sdpo.cli import arg, parse
 
 TINY_OPENCLIP_NAME = "sdpo-tiny-openclip"
@@ -204,9 +205,7 @@ def build_tiny_scorers(path: str | Path, *, seed: int = 0) -> dict[str, str]:
         "SDPO_IMAGEREWARD_MED_CONFIG": str(med_config),
         "SDPO_BERT_TOKENIZER": str(bert_dir),
     }
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(env, indent=1))
-    tmp.replace(done)
+    sdpo_io.write_json(done, env)
     return env
 
 

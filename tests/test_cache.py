@@ -21,6 +21,7 @@ from sdpo.data.cached import (
 from sdpo.data.pairs import PreferencePairs, collate_pairs
 from sdpo.data.pickapic import prepare_pairs
 from sdpo.families import ModelSource, get_family
+from sdpo.io import TMP_MARK
 from sdpo.testing.data import write_synthetic_pickapic
 from sdpo.testing.tiny import build_tiny_sd15 as tiny_sd15
 from tests.train_fixtures import load_tiny_parts
@@ -80,7 +81,8 @@ def test_manifest_and_shards(setup):
     valid = torch.cat([load_file(setup.out / shard_name(k))["valid"] for k in range(3)])
     # Row 6: label 0, so jpg_1 (fine) is the winner and the truncated jpg_0 the loser.
     assert valid.tolist() == [[1, 1]] * 6 + [[1, 0]]
-    assert not list(setup.out.glob("*.tmp"))
+    # No temporary file of an atomic write is left behind (sdpo.io names them .NAME.tmp-PID).
+    assert not [p.name for p in setup.out.iterdir() if TMP_MARK in p.name]
 
 
 def load_parts(model):

@@ -133,7 +133,6 @@ def load_pairs(source: DataSource, seed: int = 0, *, paired: bool | None = None)
     return ds, {**layout_info, **info}
 
 
-
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 

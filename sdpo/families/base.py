@@ -208,9 +208,8 @@ PREDICTION_OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 
-def _require_epsilon(prediction: str, name: str) -> None:
-    """Refuse a scheduler ``prediction_type`` without a training objective here (kept under its
-    old name: the families call it)."""
+def _require_known_prediction(prediction: str, name: str) -> None:
+    """Refuse a scheduler ``prediction_type`` without a training objective here."""
     if prediction not in PREDICTION_OBJECTIVES:
         raise ValueError(
             f"{name!r}: scheduler prediction_type is {prediction!r}; the preference losses "
@@ -334,12 +333,12 @@ class ModelFamily:
         flow-matching families (:class:`sdpo.families.flow.TimestepDensity`); DDPM families draw
         t uniformly, as Diffusion-DPO, and ignore it."""
         prediction = scheduler.config.get("prediction_type", "epsilon")
-        _require_epsilon(prediction, name)
+        _require_known_prediction(prediction, name)
         return PREDICTION_OBJECTIVES[prediction](scheduler)
 
     def check_configs(self, configs: ModelConfigs, name: str) -> None:
         """Refuse, from the configs alone, a model this family cannot train."""
-        _require_epsilon(configs.scheduler.get("prediction_type", "epsilon"), name)
+        _require_known_prediction(configs.scheduler.get("prediction_type", "epsilon"), name)
 
     def denoiser_class(self):
         import diffusers
